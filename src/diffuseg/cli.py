@@ -1,0 +1,208 @@
+"""The ``diffuseg`` command line (Typer).
+
+Commands stay thin: each parses arguments, calls one library function and reports. Heavy
+imports (torch, diffusers) happen inside commands so ``diffuseg --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="diffuseg: semantic segmentation with diffusion models (DiffSeg, DDPM-Segmentation, ZS3D, "
+    "Seg-diffusion, ESDA) — datasets, training, segmentation and evaluation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Create and convert datasets (mmsegmentation layout).", no_args_is_help=True)
+train_app = typer.Typer(help="Train models (resumable, time-boxed, Accelerate-ready).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+
+logger = logging.getLogger("diffuseg")
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings only.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Config override, dotted: --set unet.train.lr=3e-4 (repeatable).")
+]
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+# ------------------------------------------------------------------------------------------- data
+@data_app.command("fashion-scenes")
+def data_fashion_scenes(
+    out: Annotated[Path, typer.Option(help="Output dataset folder.")],
+    num_train: Annotated[int, typer.Option(help="Number of training scenes.")] = 2000,
+    num_val: Annotated[int, typer.Option(help="Number of validation scenes.")] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed (output is byte-identical per seed).")] = 0,
+    size: Annotated[int, typer.Option(help="Scene side in pixels.")] = 64,
+    fashion_mnist: Annotated[
+        Path | None, typer.Option(help="Folder with the Fashion-MNIST idx .gz files (default: Debian path).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset folder.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Generate the FashionScenes benchmark (Fashion-MNIST items on real photos, exact masks)."""
+    _setup_logging(quiet)
+    from diffuseg.data.fashion_scenes import generate_fashion_scenes
+
+    try:
+        path = generate_fashion_scenes(
+            out, num_train=num_train, num_val=num_val, seed=seed, size=size,
+            fashion_mnist=str(fashion_mnist) if fashion_mnist else None, progress=not quiet, overwrite=overwrite,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path}")
+
+
+@data_app.command("convert")
+def data_convert(
+    name: Annotated[str, typer.Argument(help="voc2012 | cityscapes | cityscapes27 | coco-stuff27 | ade20k | ...")],
+    src: Annotated[Path, typer.Option(help="The dataset as downloaded (official layout).")],
+    out: Annotated[Path, typer.Option(help="Output folder in diffuseg's layout.")],
+    quiet: Quiet = False,
+) -> None:
+    """Convert an official dataset download to diffuseg's layout (img_dir/ann_dir/meta.json)."""
+    _setup_logging(quiet)
+    from diffuseg.data.converters import convert_dataset
+
+    try:
+        path = convert_dataset(name, src, out, progress=not quiet)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------ train
+def _train_config(config: Path, overrides: list[str] | None) -> dict:
+    from diffuseg.train.loop import load_yaml_config
+
+    if not config.is_file():
+        _fail(f"{config}: no such config file (see configs/)")
+    return load_yaml_config(config, overrides or [])
+
+
+@train_app.command("vae")
+def train_vae(
+    data: Annotated[Path, typer.Option(help="Dataset folder (img_dir/train, img_dir/val).")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, logs, and the exported vae/.")],
+    config: Annotated[Path, typer.Option(help="Training recipe (YAML).")] = Path("configs/mini-sd.yaml"),
+    max_minutes: Annotated[float | None, typer.Option(help="Stop (resumably) after this many minutes.")] = None,
+    set_: SetOpt = None,
+    quiet: Quiet = False,
+) -> None:
+    """Stage 1 of the mini-SD: train the VAE (resumes from the latest checkpoint in OUT)."""
+    _setup_logging(quiet)
+    from diffuseg.train.latent_diffusion import train_vae as run
+
+    result = run(data, out, _train_config(config, set_), max_minutes=max_minutes, progress=not quiet)
+    typer.echo(f"step {result.step}, finished={result.finished}, last loss {result.last_loss}")
+
+
+@train_app.command("mini-sd")
+def train_mini_sd(
+    data: Annotated[Path, typer.Option(help="Dataset folder with captions/ (FashionScenes).")],
+    vae: Annotated[Path, typer.Option(help="Folder holding the trained vae/ (output of `train vae`).")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, logs, latent cache, exported model.")],
+    config: Annotated[Path, typer.Option(help="Training recipe (YAML).")] = Path("configs/mini-sd.yaml"),
+    max_minutes: Annotated[float | None, typer.Option(help="Stop (resumably) after this many minutes.")] = None,
+    export: Annotated[
+        Path | None, typer.Option(help="Also export the current (EMA) weights as a backbone folder here.")
+    ] = None,
+    set_: SetOpt = None,
+    quiet: Quiet = False,
+) -> None:
+    """Stage 2 of the mini-SD: train the text-conditioned UNet on cached latents."""
+    _setup_logging(quiet)
+    from diffuseg.train.latent_diffusion import train_unet as run
+
+    result = run(data, vae, out, _train_config(config, set_), max_minutes=max_minutes, progress=not quiet,
+                 export=export)
+    typer.echo(f"step {result.step}, finished={result.finished}, last loss {result.last_loss}")
+
+
+# --------------------------------------------------------------------------------------- generate
+@app.command()
+def generate(
+    prompt: Annotated[list[str], typer.Option(help="Text prompt (repeatable: one image each).")],
+    out: Annotated[Path, typer.Option(help="Output PNG (a grid when several prompts/samples).")],
+    backbone: Annotated[str | None, typer.Option(help="Model folder or hub id (default: shipped mini-SD).")] = None,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 3.0,
+    num_samples: Annotated[int, typer.Option(help="Samples per prompt.")] = 1,
+    seed: Annotated[int, typer.Option()] = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Sample images from a latent diffusion backbone."""
+    _setup_logging(quiet)
+    import numpy as np
+    import torch
+
+    from diffuseg.backbones.latent import LatentDiffusionBackbone
+    from diffuseg.io import write_image
+    from diffuseg.viz import image_grid
+
+    try:
+        model = LatentDiffusionBackbone.from_pretrained(backbone)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    prompts = [p for p in prompt for _ in range(num_samples)]
+    g = torch.Generator().manual_seed(seed)
+    imgs = model.generate(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=g,
+                          progress=not quiet)
+    arr = ((imgs.permute(0, 2, 3, 1).float().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    write_image(out, arr[0] if len(arr) == 1 else image_grid(list(arr), nrow=num_samples))
+    typer.echo(f"wrote {out}")
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+@app.command("evaluate-predictions")
+def evaluate_predictions(
+    pred_dir: Annotated[Path, typer.Option(help="Folder of predicted label PNGs named <id>.png.")],
+    data: Annotated[Path, typer.Option(help="Dataset folder (ann_dir/<split>, meta.json).")],
+    split: Annotated[str, typer.Option()] = "val",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report JSON here.")] = None,
+    unsupervised: Annotated[bool, typer.Option(help="Predictions are segment ids: Hungarian matching.")] = False,
+    matching: Annotated[str, typer.Option(help="per_image (DiffSeg) | dataset (STEGO).")] = "per_image",
+    quiet: Quiet = False,
+) -> None:
+    """Score saved label maps against a dataset split (mIoU, aAcc, mAcc, seen/unseen/hIoU)."""
+    _setup_logging(quiet)
+    from diffuseg.eval.runner import evaluate_predictions as run
+    from diffuseg.eval.runner import format_report
+
+    try:
+        report = run(pred_dir, data, split=split, unsupervised=unsupervised, matching=matching, json_out=json_out)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(format_report(report))
+
+
+@app.command()
+def info() -> None:
+    """Show versions, the shipped checkpoints and where they are."""
+    import diffuseg
+
+    typer.echo(json.dumps({"diffuseg": diffuseg.__version__}, indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
