@@ -128,7 +128,7 @@ def test_write_label_rejects_bad_maps(tmp_path: Path) -> None:
 def test_read_label_palette_by_index_and_rgb_rules(tmp_path: Path) -> None:
     ids = np.array([[0, 1], [2, 255]], dtype=np.uint8)
     p = Image.fromarray(ids, "P")
-    p.putpalette(dio.default_palette(256) and sum(dio.default_palette(256), []))
+    p.putpalette([v for c in dio.default_palette(256) for v in c])
     assert np.array_equal(dio.read_label(_save(tmp_path / "voc.png", p)), ids)
     grey_rgb = np.repeat(ids[..., None], 3, axis=2)
     assert np.array_equal(dio.read_label(_save(tmp_path / "g.png", Image.fromarray(grey_rgb))), ids)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,9 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def minilm() -> T.MiniLMEncoder:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return T.MiniLMEncoder()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        return T.MiniLMEncoder()
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:

