@@ -7,6 +7,7 @@ outside markers) alone. Each section records the command, date and machine that 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -71,10 +72,8 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     """The command that ran this script, as a user would retype it from the repository root."""
     argv = list(sys.argv if argv is None else argv)
     script = Path(argv[0])
-    try:
+    with contextlib.suppress(ValueError):  # a script outside the repository keeps its own path
         script = script.resolve().relative_to(RESULTS_MD.parents[1])
-    except ValueError:
-        pass
     return shlex.join(["python", str(script), *argv[1:]])
 
 

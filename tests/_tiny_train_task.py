@@ -76,10 +76,12 @@ class TinyTask:
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         data = TinyDataset(self.n)
-        return {"val_mse": float(F.mse_loss(model(data.x), data.y))}
+        device = next(model.parameters()).device
+        return {"val_mse": float(F.mse_loss(model(data.x.to(device)), data.y.to(device)))}
 
     def save_pretrained(self, model: nn.Module, out_dir: Path) -> None:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
+        weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(out_dir / "model.safetensors"))
         with open(out_dir.parent / "exports.txt", "a") as f:
             f.write(f"rank {_rank()}\n")
 

@@ -144,8 +144,11 @@ class FashionScenesConfig:
     """Sources are cached with their short side at this multiple of ``size`` (speed)."""
     jitter: float = 0.15
     """Brightness/contrast/saturation factors are drawn from 1 +- jitter."""
-    grey_tint_prob: float = 0.5
-    """Chance of tinting a greyscale background with a mild random colour."""
+    grey_tint_prob: float = 0.7
+    """Chance of tinting a greyscale photo (background or texture patch) with a random colour, so
+    half the pool being greyscale does not make most items and captions grey."""
+    grey_tint_min: float = 0.4
+    """Tint channels are drawn from [grey_tint_min, 1] (lower = stronger colours)."""
 
     def __post_init__(self) -> None:
         if self.size < 16:
@@ -170,13 +173,19 @@ class FashionScenesConfig:
 
 @dataclass
 class Scene:
-    """One generated scene: ``image`` (S,S,3) uint8, ``label`` (S,S) uint8, ``caption``, ``items``."""
+    """One generated scene.
+
+    ``image`` (S,S,3) uint8; ``label`` (S,S) uint8 class ids; ``instances`` (S,S) uint8 with item
+    ``k`` (1-based, paste order) where it is visible; ``items`` one dict per item (class, id, style,
+    box [x, y, side], fmnist_index, area of its full mask, visible pixels, colour name).
+    """
 
     image: np.ndarray
     label: np.ndarray
     caption: str
     items: list[dict]
     background: str
+    instances: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -275,6 +284,8 @@ def _article(word: str) -> str:
 
 def make_caption(items: list[tuple[str, str]], background: str) -> str:
     """``[("red", "sandal"), ("blue", "bag")], "grass"`` -> "a red sandal and a blue bag on grass"."""
+    if not items:
+        raise ValueError("a caption needs at least one (colour, class) item")
     parts = [f"{_article(c)} {c} {n}" for c, n in items]
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{body} on {background}"
@@ -355,15 +366,24 @@ class FashionScenesGenerator:
         lum = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         img = (img - lum[..., None]) * s + lum[..., None]
         if grey and rng.random() < self.config.grey_tint_prob:
-            tint = rng.uniform(0.6, 1.0, size=3).astype(np.float32)
-            img = img * (tint / tint.mean())
+            img = self._tint(rng, img)
         return img
 
+    def _tint(self, rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+        tint = rng.uniform(self.config.grey_tint_min, 1.0, size=3).astype(np.float32)
+        return img * (tint / tint.mean())
+
     # -- items ------------------------------------------------------------------------------------
-    def _item_shape(self, rng: np.random.Generator, split: str) -> tuple[int, np.ndarray, np.ndarray] | None:
-        """Draw a class and image, resize it; return (label, mask, shading), or None for a bad frame."""
+    def _item_shape(
+        self, rng: np.random.Generator, split: str
+    ) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+        """Draw a class (uniformly) and one of its images, resize it.
+
+        Returns (label, fmnist index, mask, shading), or None for a frame that is a photo, not an item.
+        """
         data, by_label = self._items_for(split)
-        label = int(rng.integers(0, len(by_label)))
+        present = [k for k, ix in enumerate(by_label) if len(ix)]
+        label = present[int(rng.integers(0, len(present)))]
         idx = int(by_label[label][rng.integers(0, len(by_label[label]))])
         if self._frame_fill[split][idx] > self.config.max_frame_fill:
             return None
@@ -377,7 +397,7 @@ class FashionScenesGenerator:
         peak = float(inten[mask].max()) if mask.any() else 1.0
         floor = self.config.shading_floor
         shading = floor + (1 - floor) * np.clip(inten / peak, 0, 1)
-        return label, mask, shading
+        return label, idx, mask, shading
 
     def _item_colour(
         self, rng: np.random.Generator, style: str, bg: np.ndarray, bg_src: int, side: int
@@ -390,7 +410,10 @@ class FashionScenesGenerator:
             n = len(self.sources)
             same = n == 1 or rng.random() < self.config.texture_from_background_prob
             k = bg_src if same else int((bg_src + rng.integers(1, n)) % n)
-            return self._crop(rng, self.sources[k], side)
+            patch = self._crop(rng, self.sources[k], side)
+            if self.sources[k].grey and rng.random() < self.config.grey_tint_prob:
+                patch = self._tint(rng, patch)
+            return patch
         hsv = np.array([rng.random(), rng.uniform(0.3, 1.0), rng.uniform(0.35, 1.0)])
         rgb = np.asarray(Image.fromarray((hsv * 255).astype(np.uint8)[None, None], "HSV").convert("RGB"))
         return np.broadcast_to(rgb[0, 0].astype(np.float32), (side, side, 3))
@@ -432,7 +455,7 @@ class FashionScenesGenerator:
             it["colour"] = colour_name(image[inst == k].mean(axis=0))
             it["visible"] = int((inst == k).sum())
             named.append((it["colour"], it["class"]))
-        return Scene(image, label, make_caption(named, src.phrase), items, src.name)
+        return Scene(image, label, make_caption(named, src.phrase), items, src.name, inst)
 
     def _place_item(
         self,
@@ -452,7 +475,7 @@ class FashionScenesGenerator:
             shape = self._item_shape(rng, split)
             if shape is None:
                 continue
-            cls, mask, shading = shape
+            cls, idx, mask, shading = shape
             side = mask.shape[0]
             y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
             trial = inst.copy()
@@ -471,6 +494,8 @@ class FashionScenesGenerator:
                 "id": cls + 1,
                 "style": style,
                 "box": [x, y, side],
+                "fmnist_index": idx,
+                "area": int(mask.sum()),
             }
         return None
 
@@ -594,6 +619,33 @@ def generate_fashion_scenes(
     return out
 
 
+def save_preview(
+    dataset_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    split: str = "train",
+    num: int = 8,
+    per_row: int = 4,
+    scale: int = 3,
+) -> Path:
+    """Save a grid of (image | coloured ground truth) pairs of a FashionScenes folder, for docs.
+
+    Reads through :class:`~diffuseg.data.segfolder.SegFolder`, so the preview also checks that the
+    folder is readable in the standard layout.
+    """
+    from diffuseg.data.segfolder import SegFolder
+    from diffuseg.viz import colorize, image_grid, save_figure, upscale_nearest
+
+    ds = SegFolder(dataset_dir, split)
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    tiles = []
+    for i in range(min(num, len(ds))):
+        sample = ds[i]
+        tiles.append(upscale_nearest(sample["image"], scale))
+        tiles.append(upscale_nearest(colorize(sample["label"], ds.palette), scale))
+    return save_figure(out_path, image_grid(tiles, nrow=2 * per_row, pad=2))
+
+
 def render_scenes(
     split: str, count: int, seed: int = 0, config: FashionScenesConfig | None = None, **kwargs
 ) -> list[Scene]:
@@ -615,4 +667,5 @@ __all__ = [
     "load_background_sources",
     "make_caption",
     "render_scenes",
+    "save_preview",
 ]

@@ -510,6 +510,8 @@ class HungarianScorer:
         if self.matching != "dataset" or self.assignment is None:
             raise ValueError("relabel() needs matching='dataset' and a prior compute()")
         pred = to_numpy(pred_segments, "prediction")
+        if pred.size and pred.min() < 0:
+            raise ValueError(f"segment ids must be >= 0, got {int(pred.min())}")
         size = max(int(pred.max()) + 1 if pred.size else 1, self.hist.shape[0])
         mapping = np.full(size, self.ignore_index, dtype=np.int64)
         for r, c in self.assignment.items():

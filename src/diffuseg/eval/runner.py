@@ -410,7 +410,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         f", unsupervised, Hungarian matching: {match}" if proto.get("unsupervised") else ""
     )
     lines = [head, "=" * len(head)]
-    lines.append("  ".join(f"{k} {_fmt(v)}" for k, v in report["metrics"].items()))
+    items = [f"{k} {_fmt(v)}" for k, v in report["metrics"].items()]
+    lines += ["  ".join(items[i : i + 3]) for i in range(0, len(items), 3)]
     lines.append("")
     lines += _table("class", report.get("per_class", {}))
     if report.get("per_group"):

@@ -2,7 +2,9 @@
 
 A trainer supplies a :class:`TrainTask` (model, dataset, loss, optional evaluate/export); :func:`train`
 does the rest on Hugging Face Accelerate, so the same code runs as one CPU process and under
-``accelerate launch --num_processes N`` (DDP).
+``accelerate launch --num_processes N`` (DDP). On CPUs, several processes need
+``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`` (DDP over gloo): plain
+``accelerate launch --cpu --num_processes N`` starts a single process unless it goes through mpirun.
 
 Reproducibility is the design constraint: a run that is stopped (time box, SIGINT/SIGTERM, crash after
 a checkpoint) and resumed ends with the same parameters as an uninterrupted run. That holds because
@@ -38,7 +40,7 @@ import threading
 import time
 import typing
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -328,11 +330,9 @@ def train(
     accelerator can run the next training. ``resume_from`` picks a checkpoint folder explicitly.
     """
     started = time.monotonic()
-    acc = accelerator or Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
-    )
-    acc.gradient_accumulation_steps = config.grad_accum
     out = Path(config.output_dir)
+    resume_path = _checkpoint_to_resume(out, config, resume_from)
+    acc = _accelerator(accelerator, config)
     main = acc.is_main_process
 
     set_seed(config.seed)  # identical initialisation on every process
@@ -341,7 +341,6 @@ def train(
     set_seed(config.seed, device_specific=True)  # different dropout masks per process
     params = [p for p in model.parameters() if p.requires_grad]
 
-    resume_path = _checkpoint_to_resume(out, config, resume_from)
     state = _TrainerState(num_processes=acc.num_processes, batch_size=config.batch_size)
     if resume_path is not None:
         state = _load_checkpoint(acc, resume_path)
@@ -361,9 +360,10 @@ def train(
     bar = tqdm(
         total=config.max_steps, initial=state.step, disable=not (main and config.progress), desc="train"
     )
-    logger.info(
-        "training %s: step %d -> %d on %d process(es)", out, state.step, config.max_steps, acc.num_processes
-    )
+    if main:
+        logger.info(
+            "training %s: step %d -> %d, %d process(es)", out, state.step, config.max_steps, acc.num_processes
+        )
 
     stop = _StopRequest()
     seconds_before, loop_started = state.train_seconds, time.monotonic()
@@ -391,7 +391,7 @@ def train(
                 last_checkpoint, saved_at = _save_checkpoint(acc, out, state, ema, config), state.step
             reason = _stop_reason(acc, stop, deadline) if state.step < config.max_steps else None
             if reason is not None:
-                logger.info("stopping at step %d (%s); resume by calling train again", state.step, reason)
+                logger.info("stopping at step %d (%s); call train again to resume", state.step, reason)
                 break
     bar.close()
 
@@ -411,6 +411,21 @@ def train(
         checkpoint=last_checkpoint,
         export_dir=export_dir,
     )
+
+
+def _accelerator(accelerator: Accelerator | None, config: TrainConfig) -> Accelerator:
+    if accelerator is None:
+        return Accelerator(
+            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
+        )
+    if accelerator.mixed_precision != config.mixed_precision:
+        logger.warning(
+            "the Accelerator given uses mixed_precision=%r, not the config's %r: the Accelerator wins",
+            accelerator.mixed_precision,
+            config.mixed_precision,
+        )
+    accelerator.gradient_accumulation_steps = config.grad_accum
+    return accelerator
 
 
 def _optimizer_step(
@@ -627,22 +642,19 @@ def _ema_weights(ema: EMA | None, net: nn.Module) -> AbstractContextManager[nn.M
     return ema.swapped_in(net) if ema is not None else nullcontext(net)
 
 
-class _eval_mode(AbstractContextManager[None]):  # noqa: N801 - used like torch.no_grad
+@contextmanager
+def _eval_mode(net: nn.Module) -> Iterator[None]:
     """Put ``net`` in eval mode and give every submodule back its own mode afterwards.
 
     Restoring per module (rather than calling ``.train()``) keeps frozen parts that a task holds in eval
     mode, such as a frozen encoder with BatchNorm, from silently switching to training mode.
     """
-
-    def __init__(self, net: nn.Module) -> None:
-        self.net = net
-        self.modes = [(m, m.training) for m in net.modules()]
-
-    def __enter__(self) -> None:
-        self.net.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for module, training in self.modes:
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
             module.training = training
 
 
@@ -691,25 +703,17 @@ class _StopRequest:
         self.signum = signum
         logger.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
 
-    def installed(self) -> AbstractContextManager[None]:
-        return _SignalHandlers(self._handle)
-
-
-class _SignalHandlers(AbstractContextManager[None]):
-    """Install ``handler`` for SIGINT and SIGTERM, restoring the previous ones on exit (main thread only)."""
-
-    def __init__(self, handler: Any) -> None:
-        self.handler = handler
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> None:
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle SIGINT/SIGTERM inside the block, then restore the previous handlers (main thread only)."""
+        previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self.handler)
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _stop_reason(acc: Accelerator, stop: _StopRequest, deadline: float) -> str | None:
@@ -766,7 +770,8 @@ def _load_checkpoint(acc: Accelerator, path: Path) -> _TrainerState:
     acc.load_state(str(path))
     saved = json.loads((path / STATE_FILE).read_text())
     state = _TrainerState(**{f.name: saved[f.name] for f in fields(_TrainerState) if f.name in saved})
-    logger.info("resumed from %s (step %d)", path, state.step)
+    if acc.is_main_process:
+        logger.info("resumed from %s (step %d)", path, state.step)
     return state
 
 
