@@ -61,8 +61,12 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().upper() in _TRUE
 
 
-def _check_texts(texts: Sequence[str], what: str = "texts") -> list[str]:
-    """Validate a list of strings; a bare string is refused because it would iterate characters."""
+def _check_texts(texts: Sequence[str], what: str = "texts", allow_empty: bool = False) -> list[str]:
+    """Validate a list of strings; a bare string is refused because it would iterate characters.
+
+    ``allow_empty`` admits ``""``: the empty prompt is the unconditional input of classifier-free
+    guidance and DiffSeg, so token sequences of it are legitimate; pooled vectors of it are not.
+    """
     if isinstance(texts, str):
         raise ValueError(
             f"{what} must be a list of strings, got a single string {texts!r}; wrap it: [{texts!r}]"
@@ -70,7 +74,7 @@ def _check_texts(texts: Sequence[str], what: str = "texts") -> list[str]:
     texts = list(texts)
     if not texts:
         raise ValueError(f"{what} is empty; pass at least one string")
-    bad = [t for t in texts if not isinstance(t, str) or not t.strip()]
+    bad = [t for t in texts if not isinstance(t, str) or (not t.strip() and not (allow_empty and t == ""))]
     if bad:
         raise ValueError(f"{what} must be non-empty strings, got {bad[:5]!r}")
     return texts
@@ -169,7 +173,7 @@ class TextEncoder(abc.ABC):
         ``L = max_length`` (default :attr:`default_max_length`), padded or truncated so that shapes
         do not depend on the texts.
         """
-        texts = _check_texts(texts)
+        texts = _check_texts(texts, allow_empty=True)
         length = self.default_max_length if max_length is None else int(max_length)
         if not 2 <= length <= self.max_length_limit:
             raise ValueError(

@@ -52,7 +52,6 @@ MINI_SD: dict[str, Any] = {
         "beta_schedule": "scaled_linear",
         "prediction_type": "epsilon",
         "clip_sample": False,
-        "set_alpha_to_one": False,
         "steps_offset": 1,
     },
     "text_encoder": {"type": "minilm", "max_length": 24},

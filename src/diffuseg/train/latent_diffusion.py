@@ -50,10 +50,10 @@ def _split_images(data_dir: Path, split: str) -> list[Path]:
     return files
 
 
-def load_image_array(data_dir: Path, split: str, limit: int | None = None) -> np.ndarray:
-    """All images of a split as one uint8 ``(N, H, W, 3)`` array (small 64-px sets only)."""
+def load_image_array(data_dir: Path, split: str, limit: int | None = None, progress: bool = False) -> np.ndarray:
+    """All images of a split as one uint8 ``(N, H, W, 3)`` array (small 64-px sets only: 20k scenes = 245 MB)."""
     files = _split_images(data_dir, split)[:limit]
-    return np.stack([read_image(f) for f in tqdm(files, desc=f"reading {split}", leave=False)])
+    return np.stack([read_image(f) for f in tqdm(files, desc=f"reading {split}", leave=False, disable=not progress)])
 
 
 class ImageArrayDataset(Dataset):
@@ -123,7 +123,7 @@ class VAETask:
         l1, mse = (rec - batch).abs().mean(), F.mse_loss(rec, batch)
         kl = post.kl().mean() / batch[0].numel()
         loss = l1 + mse + self.kl_weight * kl
-        return loss, {"l1": float(l1), "mse": float(mse), "kl": float(kl)}
+        return loss, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -144,7 +144,7 @@ def precompute_latents(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Posterior mean and std of every image, float16 ``(N, C, h, w)`` each."""
     means, stds = [], []
-    for i in tqdm(range(0, len(images), batch_size), desc="encoding latents", leave=False):
+    for i in range(0, len(images), batch_size):
         x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         post = vae.encode(x).latent_dist
         means.append(post.mean.half().numpy())
@@ -194,11 +194,11 @@ def build_latent_cache(backbone, data_dir: Path, cache_dir: Path, split: str = "
     cache_dir.mkdir(parents=True, exist_ok=True)
     files = _split_images(data_dir, split)
     captions = read_captions(data_dir, split)
-    images = np.stack([read_image(f) for f in tqdm(files, desc="reading", leave=False)])
+    images = load_image_array(data_dir, split)
     mean, std = precompute_latents(backbone.vae, images)
     texts = [captions.get(f.stem, "") for f in files]
     emb = []
-    for i in tqdm(range(0, len(texts), 256), desc="encoding captions", leave=False):
+    for i in range(0, len(texts), 256):
         emb.append(backbone.text_conditioner(texts[i : i + 256]).half().numpy())
     for name, arr in (("latent_mean", mean), ("latent_std", std), ("text", np.concatenate(emb))):
         with atomic_write(cache_dir / f"{name}.npy") as f:
@@ -256,7 +256,7 @@ class UNetTask:
         pred = model(xt, t, encoder_hidden_states=text).sample
         per = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         loss = (per * min_snr_weights(sched, t, self.snr_gamma)).mean()
-        return loss, {"mse": float(per.mean())}
+        return loss, {"mse": per.mean().item()}
 
     def val_images(self) -> np.ndarray:
         if self._val_images is None:
@@ -318,7 +318,10 @@ def train_vae(
     max_minutes: float | None = None,
     progress: bool = True,
 ):
-    """Stage 1: train the mini-SD's VAE; on completion ``out_dir/vae`` holds it with its scaling factor."""
+    """Stage 1: train the mini-SD's VAE; on completion ``out_dir/vae`` holds it with its scaling factor.
+
+    ``out_dir/final/vae`` is the loop's raw export; ``out_dir/vae`` adds the latent scaling factor.
+    """
     from diffusers import AutoencoderKL
 
     from diffuseg.backbones.presets import MINI_SD
@@ -335,7 +338,7 @@ def train_vae(
     )
     result = train(task, _loop_config(cfg, out, int(config.get("seed", 0)), max_minutes, progress))
     if result.finished:
-        vae = AutoencoderKL.from_pretrained(out / "vae")
+        vae = AutoencoderKL.from_pretrained(result.export_dir / "vae")
         factor = set_scaling_factor(vae, task.train_images)
         vae.save_pretrained(out / "vae", safe_serialization=True)
         logger.info("VAE done: scaling factor %.4f, %s", factor, task.evaluate(vae, result.step))
@@ -362,8 +365,11 @@ def train_unet(
     progress: bool = True,
     export: str | Path | None = None,
 ):
-    """Stage 2: train the mini-SD UNet on cached latents; ``out_dir/model`` is the exported backbone."""
-    from diffuseg.train.loop import export_latest, train
+    """Stage 2: train the mini-SD UNet on cached latents; ``out_dir/final`` is the exported backbone.
+
+    ``export`` additionally writes the latest checkpoint's (EMA) weights there, finished or not.
+    """
+    from diffuseg.train.loop import export_checkpoint, train
 
     cfg, out, data_dir = config.get("unet", {}), Path(out_dir), Path(data_dir)
     seed = int(config.get("seed", 0))
@@ -382,5 +388,5 @@ def train_unet(
     backbone.unet.train().requires_grad_(True)
     result = train(task, _loop_config(cfg, out, seed, max_minutes, progress))
     if export is not None:
-        export_latest(task, out, Path(export))
+        export_checkpoint(task, out, Path(export))
     return result

@@ -838,3 +838,32 @@ def _truncate_log(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def export_checkpoint(task: TrainTask, output_dir: str | Path, export_dir: str | Path,
+                      checkpoint: str | Path | None = None) -> Path:
+    """Export a checkpoint's weights (EMA when saved) with ``task.save_pretrained``, mid-training.
+
+    Long trainings run in time-boxed chunks; this makes the model of any chunk usable (probes,
+    a provisional shipped model) without finishing the run. Written to a temp folder, then renamed.
+    """
+    from safetensors.torch import load_file
+
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(output_dir)
+    if ckpt is None or not (ckpt / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{output_dir}: no checkpoint with model.safetensors to export")
+    net = task.model()
+    net.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    if (ckpt / EMA_FILE).is_file():
+        ema = EMA(net, 0.999)
+        ema.load(ckpt / EMA_FILE)
+        ema.copy_to(net)
+    out = Path(export_dir)
+    tmp = out.parent / f".tmp_{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    task.save_pretrained(net, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    logger.info("exported %s to %s", ckpt.name, out)
+    return out
