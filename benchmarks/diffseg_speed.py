@@ -50,7 +50,7 @@ def layout(side: int = 64) -> np.ndarray:
     return lab
 
 
-def make_maps(seed: int, scale: float = 1.5, noise: float = 0.3) -> dict[int, object]:
+def make_maps(seed: int, scale: float = 2.0, noise: float = 0.5) -> dict[int, object]:
     """Float32 torch attention ``{s: (1, 8, s*s, s*s)}``, one head at a time to keep the peak low."""
     import torch
 
@@ -184,12 +184,19 @@ def report(results: dict[str, dict], agree: float, args: argparse.Namespace, sec
         f"Speed-up of fast over original: **{ratio:.1f}×** (target ≥ 10×). Label agreement of the two "
         f"modes after Hungarian matching of segment ids: {100 * agree:.2f}% of pixels. "
         f"Peak memory of fast mode: {fast['peak_rss_mb'] / 1024:.2f} GB (target ≤ 2 GB), of which "
-        f"{fast['inputs_rss_mb'] / 1024:.2f} GB are the input maps.",
+        f"{fast['inputs_rss_mb'] / 1024:.2f} GB were resident before segmenting (interpreter, torch and "
+        "the 0.55 GB input maps).",
         "",
         "Where the time goes (fast): three float32 matrix products per image of 256 anchors × 4096 "
         "queries × 4096 keys (anchor·log query, log anchor·query, matched-query means), ~13 GMAC, "
         "which is the floor of this formulation; original: the elementwise float16 KL over the same "
-        "4.3 G anchor-query-key triples and the float64 TF-style aggregation.",
+        "4.3 G anchor-query-key triples and the float64 TF-style aggregation. The original mode is "
+        "itself cache-blocked (the original materialises 16 anchors × 4096 × 4096 float16 at a time), "
+        "so the ratio stays below the 10× target: the float32 products alone take ~0.28 s here. "
+        "Skipping anchor-query pairs that cannot merge was measured and not adopted: the KL of "
+        "key-pooled maps is a tight lower bound (data-processing inequality; 34% candidate pairs vs "
+        "33% true merges on the golden input), but in dense matrix-product blocks it still keeps "
+        "33-89% of the work, depending on the input.",
     ]
     return "\n".join(lines)
 

@@ -113,6 +113,14 @@ def test_ade_context_fashion() -> None:
     assert sorted(grouped) == sorted(fs.classes)
 
 
+@pytest.mark.parametrize(
+    ("alias", "key"),
+    [("cityscapes27", "cityscapes-27"), ("coco-stuff27", "coco-stuff-27"), ("Pascal_VOC", "voc2012")],
+)
+def test_aliases(alias: str, key: str) -> None:
+    assert get_dataset_spec(alias).name == key
+
+
 def test_unknown_names() -> None:
     with pytest.raises(ValueError, match="known:"):
         get_dataset_spec("imagenet")

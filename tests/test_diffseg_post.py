@@ -112,7 +112,13 @@ def golden_maps():
 def original_results(golden_maps):
     return {
         thr: segment_attention(
-            golden_maps, [thr] * 3, num_points=16, refine=False, fidelity="original", output_size=512, return_info=True
+            golden_maps,
+            [thr] * 3,
+            num_points=16,
+            refine=False,
+            fidelity="original",
+            output_size=512,
+            return_info=True,
         )
         for thr in GOLDEN
     }
@@ -140,7 +146,7 @@ def test_original_aggregation_matches_golden_intermediates(golden_maps):
     assert agg.shape == (1, 4096, 4096) and agg.dtype == np.float64
     a = agg[0].reshape(64, 64, 64, 64)
     sums = a.sum(axis=(2, 3))
-    assert 0.9999999 <= sums.min() and sums.max() <= 1.0000002
+    assert sums.min() >= 0.9999999 and sums.max() <= 1.0000002
     assert a.min() == pytest.approx(2.4397e-06, rel=1e-4)
     assert a.sum() == pytest.approx(4096.000267577, rel=1e-8)
     expected = {
@@ -251,7 +257,9 @@ def test_any_resolutions_output_size_and_batch(fidelity):
     assert labels.shape == (2, 37, 37) and labels.dtype == np.int64
     assert all(isinstance(i, DiffSegInfo) and i.proposal_counts[0] == 25 for i in infos)
     for b in range(2):
-        single = segment_attention({s: m[b : b + 1] for s, m in maps.items()}, [0.5, 0.5], 5, fidelity=fidelity)
+        single = segment_attention(
+            {s: m[b : b + 1] for s, m in maps.items()}, [0.5, 0.5], 5, fidelity=fidelity
+        )
         assert single.shape == (1, 16, 16)  # output_size None -> R
         assert labels[b].max() < infos[b].proposals.shape[0]
 

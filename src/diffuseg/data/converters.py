@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffuseg.data.fashion_scenes import make_tree_readable
 from diffuseg.data.segfolder import read_split_file
 from diffuseg.data.specs import DatasetSpec, get_dataset_spec, normalize_dataset_name
 from diffuseg.io import read_label, write_json
@@ -297,6 +298,7 @@ def convert_dataset(
         meta["source"] = {"dataset": key, "path": str(src_path.resolve()), "link": link}
         meta["splits"] = {k: len(v) for k, v in splits.items()}
         write_json(tmp / "meta.json", meta)
+        make_tree_readable(tmp)
         if out_path.exists():
             shutil.rmtree(out_path)
         os.replace(tmp, out_path)

@@ -306,6 +306,14 @@ def _frame_fill(images: np.ndarray, threshold: int, limit: float) -> np.ndarray:
     return fill
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_frame_fill(fmnist_split: str, directory: str | None, threshold: int, limit: float) -> np.ndarray:
+    """Frame fills are the same for every generator over the same files: compute them once."""
+    fill = _frame_fill(load_fashion_mnist(fmnist_split, directory).images, threshold, limit)
+    fill.setflags(write=False)
+    return fill
+
+
 class FashionScenesGenerator:
     """Renders scenes in memory; :func:`generate_fashion_scenes` writes them to disk.
 
@@ -334,8 +342,11 @@ class FashionScenesGenerator:
         if split not in self._fmnist:
             data = load_fashion_mnist(_FMNIST_SPLIT[split], self.fashion_mnist)
             self._fmnist[split] = (data, data.indices_by_label())
-            self._frame_fill[split] = _frame_fill(
-                data.images, self.config.item_threshold, self.config.max_frame_fill
+            self._frame_fill[split] = _cached_frame_fill(
+                _FMNIST_SPLIT[split],
+                self.fashion_mnist,
+                self.config.item_threshold,
+                self.config.max_frame_fill,
             )
         return self._fmnist[split]
 
@@ -544,6 +555,25 @@ def _write_split(
     return captions
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_tree_readable(root: Path) -> None:
+    """Give a finished temp tree the permissions of a normal ``mkdir``/``open``.
+
+    ``mkdtemp``/``mkstemp`` create 0700/0600 entries; a dataset shared on a cluster must not stay
+    private to its creator.
+    """
+    mask = _current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for p in root.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished temp folder into place; the old one is removed only afterwards."""
     if out.exists():
@@ -604,6 +634,7 @@ def generate_fashion_scenes(
             "backgrounds": {s.name: s.phrase for s in gen.sources},
         }
         write_json(tmp / "meta.json", fashion_scenes_meta(cfg, extra))
+        make_tree_readable(tmp)
         _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -643,7 +674,9 @@ def save_preview(
         sample = ds[i]
         tiles.append(upscale_nearest(sample["image"], scale))
         tiles.append(upscale_nearest(colorize(sample["label"], ds.palette), scale))
-    return save_figure(out_path, image_grid(tiles, nrow=2 * per_row, pad=2))
+    path = save_figure(out_path, image_grid(tiles, nrow=2 * per_row, pad=2))
+    os.chmod(path, 0o666 & ~_current_umask())  # atomic_write's mkstemp leaves 0600
+    return path
 
 
 def render_scenes(

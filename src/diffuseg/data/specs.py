@@ -349,7 +349,11 @@ _ALIASES = {
 def normalize_dataset_name(name: str) -> str:
     """Registry key for ``name``: case-insensitive, ``_``/space as ``-``, common aliases accepted."""
     key = re.sub(r"[\s_]+", "-", name.strip().lower())
-    return _ALIASES.get(key, _ALIASES.get(key.replace("-", ""), key))
+    if key in DATASET_SPECS:
+        return key
+    compact = key.replace("-", "")
+    by_compact = {k.replace("-", ""): k for k in DATASET_SPECS}
+    return _ALIASES.get(key) or _ALIASES.get(compact) or by_compact.get(compact, key)
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
