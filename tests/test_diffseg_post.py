@@ -103,6 +103,16 @@ def hungarian_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return confusion[rows, cols].sum() / a.size
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One thread: the float16 pass runs thousands of small blocks, which oversubscribed cores
+    (tests run beside other jobs) turn from seconds into minutes."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def golden_maps():
     return make_weights()[0]

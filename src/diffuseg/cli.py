@@ -169,6 +169,103 @@ def generate(
     typer.echo(f"wrote {out}")
 
 
+# ----------------------------------------------------------------------------------------- segment
+def _floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"expected comma-separated numbers, got {text!r}")
+    return None
+
+
+def _method_kwargs(method: str, kl_threshold: str | None, threshold_mode: str | None) -> dict:
+    if method != "diffseg":
+        if kl_threshold is not None or threshold_mode is not None:
+            _fail("--kl-threshold/--threshold-mode only apply to --method diffseg")
+        return {}
+    return {"kl_threshold": _floats(kl_threshold), "threshold_mode": threshold_mode}
+
+
+def _load(method: str, checkpoint: str | None, backbone: str | None, call_kwargs: dict):
+    from diffuseg.methods import load_pipeline
+
+    source = backbone if method == "diffseg" else checkpoint
+    if method == "diffseg" and checkpoint:
+        source = checkpoint
+    try:
+        return load_pipeline(method, source, **{k: v for k, v in call_kwargs.items() if v is not None})
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
+Method = Annotated[str, typer.Option(help="diffseg (more methods are added as they are trained).")]
+Checkpoint = Annotated[str | None, typer.Option(help="Method checkpoint folder or hub id (default: shipped).")]
+Backbone = Annotated[str | None, typer.Option(help="Latent diffusion backbone folder or hub id (SD 1.x/2.x).")]
+KLOpt = Annotated[str | None, typer.Option(help="DiffSeg merging thresholds, one per iteration: 1.1,1.1,1.1")]
+ModeOpt = Annotated[str | None, typer.Option(help="DiffSeg threshold mode: absolute | relative (quantiles).")]
+
+
+@app.command()
+def segment(
+    inputs: Annotated[Path, typer.Argument(help="An image file or a folder of images.")],
+    out: Annotated[Path, typer.Option(help="Output folder: <stem>.png (ids) and <stem>_overlay.png.")],
+    method: Method = "diffseg",
+    classes: Annotated[str | None, typer.Option(help="Class names, comma-separated: 'background,bag,sandal'.")] = None,
+    checkpoint: Checkpoint = None,
+    backbone: Backbone = None,
+    kl_threshold: KLOpt = None,
+    threshold_mode: ModeOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    quiet: Quiet = False,
+) -> None:
+    """Segment images; unreadable files are reported and skipped."""
+    _setup_logging(quiet)
+    from diffuseg.methods.base import parse_classes, segment_files
+
+    pipe = _load(method, checkpoint, backbone, _method_kwargs(method, kl_threshold, threshold_mode))
+    try:
+        names = parse_classes(classes)
+        kwargs = {"class_names": names} if names else {}
+        written = segment_files(pipe, inputs, out, batch_size=batch_size, progress=not quiet, **kwargs)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {len(written)} label maps to {out}")
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Dataset folder (img_dir, ann_dir, meta.json).")],
+    method: Method = "diffseg",
+    split: Annotated[str, typer.Option()] = "val",
+    checkpoint: Checkpoint = None,
+    backbone: Backbone = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report JSON here.")] = None,
+    matching: Annotated[str, typer.Option(help="Unsupervised: per_image (DiffSeg) | dataset (STEGO).")] = "per_image",
+    semantic: Annotated[
+        bool, typer.Option(help="DiffSeg: name segments with the dataset's class names (supervised scoring).")
+    ] = False,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N images only.")] = None,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    kl_threshold: KLOpt = None,
+    threshold_mode: ModeOpt = None,
+    quiet: Quiet = False,
+) -> None:
+    """Run a method on a dataset split and score it (mIoU, aAcc, mAcc; seen/unseen/hIoU; Hungarian)."""
+    _setup_logging(quiet)
+    from diffuseg.eval.runner import format_report
+    from diffuseg.methods.evaluate import evaluate_pipeline
+
+    pipe = _load(method, checkpoint, backbone, _method_kwargs(method, kl_threshold, threshold_mode))
+    try:
+        report = evaluate_pipeline(pipe, method, data, split=split, matching=matching, semantic=semantic,
+                                   limit=limit, batch_size=batch_size, json_out=json_out, progress=not quiet)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(format_report(report))
+
+
 # ---------------------------------------------------------------------------------------- evaluate
 @app.command("evaluate-predictions")
 def evaluate_predictions(

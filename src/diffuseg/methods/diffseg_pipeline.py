@@ -1,0 +1,237 @@
+"""``DiffSegPipeline``: unsupervised segmentation from a latent diffusion model's self-attention.
+
+image → latent (VAE posterior mean, no noise) → one UNet pass at ``timestep`` with the empty
+prompt → head- and layer-averaged self-attention per resolution → DiffSeg post-processing
+(:func:`~diffuseg.methods.diffseg.segment_attention`). Optionally a second pass with a prompt
+naming the classes turns segments into a semantic map by cross-attention (beyond the
+original's BLIP-noun step), and K-means on the same aggregated attention gives the paper's
+K-means-C / K-means-S baselines through the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffuseg.methods.base import check_images, parse_classes
+from diffuseg.outputs import SegmentationOutput
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DiffSegConfig", "DiffSegPipeline", "class_prompt", "label_segments_by_cross_attention"]
+
+SD_DEFAULTS: dict[str, Any] = {
+    "kl_threshold": [1.1, 1.1, 1.1],
+    "threshold_mode": "absolute",
+    "num_points": 16,
+    "timestep": 300,
+    "output_size": 512,
+    "refine": False,
+}
+"""The original's COCO-Stuff-27 settings for Stable Diffusion 1.x (512-px inputs, 64² maps)."""
+
+
+@dataclass
+class DiffSegConfig:
+    """DiffSeg settings; a backbone's ``method_defaults["diffseg"]`` overrides the SD defaults."""
+
+    kl_threshold: Sequence[float] = (1.1, 1.1, 1.1)
+    threshold_mode: str = "absolute"
+    num_points: int = 16
+    timestep: int = 300
+    output_size: int | None = 512
+    refine: bool = False
+    fidelity: str = "fast"
+
+    @classmethod
+    def for_backbone(cls, backbone, **overrides: Any) -> DiffSegConfig:
+        values = dict(SD_DEFAULTS)
+        values.update(backbone.config.method_defaults.get("diffseg", {}))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def class_prompt(class_names: Sequence[str]) -> str:
+    """One prompt naming every class, e.g. ``"a sandal, a bag and a background"``."""
+    items = [f"a {c}" for c in class_names]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _token_positions(tokens: list[str], class_names: Sequence[str], tokenize) -> list[list[int]]:
+    """Sequence positions of each class name's word pieces inside the prompt's tokens."""
+    positions: list[list[int]] = []
+    start = 0
+    for name in class_names:
+        pieces = [t for t in tokenize([name])[0] if t not in _SPECIAL and not t.startswith("<|")]
+        found: list[int] = []
+        for i in range(start, len(tokens) - len(pieces) + 1):
+            if tokens[i : i + len(pieces)] == pieces:
+                found = list(range(i, i + len(pieces)))
+                start = i + len(pieces)
+                break
+        if not found:
+            raise ValueError(f"class name {name!r} was cut from the prompt (too long for the text encoder)")
+        positions.append(found)
+    return positions
+
+
+_SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<|startoftext|>", "<|endoftext|>"}
+
+
+def label_segments_by_cross_attention(
+    segments: np.ndarray, cross_maps: dict[int, torch.Tensor], positions: list[list[int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Name each segment by the class whose tokens attend to it most.
+
+    ``cross_maps``: ``{side: (B, side², L)}``. Per class, the token maps are averaged over its
+    word pieces and over resolutions (upsampled, weighted by side like DiffSeg), normalised to
+    max 1 per image (so a token that attends everywhere does not win everywhere), then averaged
+    inside each segment. Returns ``(labels (B, H, W), scores (B, C, H, W))``.
+    """
+    b, h, w = segments.shape
+    total = sum(cross_maps)
+    per_class = torch.zeros(b, len(positions), h, w)
+    for side, a in cross_maps.items():
+        a = a.float().cpu().view(b, side, side, -1)
+        cls_maps = torch.stack([a[..., p].mean(-1) for p in positions], dim=1)
+        per_class += (side / total) * F.interpolate(cls_maps, size=(h, w), mode="bilinear", align_corners=False)
+    per_class /= per_class.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+    labels = np.zeros_like(segments)
+    for i in range(b):
+        seg = torch.from_numpy(segments[i])
+        ids = torch.unique(seg)
+        onehot = (seg[None] == ids[:, None, None]).float()  # (S, H, W)
+        mean = torch.einsum("shw,chw->sc", onehot, per_class[i]) / onehot.sum((1, 2))[:, None]
+        best = mean.argmax(1)
+        labels[i] = best[torch.searchsorted(ids, seg)].numpy()
+    return labels, per_class.numpy()
+
+
+class DiffSegPipeline:
+    """DiffSeg on a :class:`~diffuseg.backbones.latent.LatentDiffusionBackbone`.
+
+    Example::
+
+        pipe = DiffSegPipeline.from_pretrained()          # shipped mini-SD
+        out = pipe(image)                                  # out.labels: segment ids
+        out = pipe(image, class_names=["background", "bag", "sandal"])   # semantic map
+    """
+
+    def __init__(self, backbone, config: DiffSegConfig | None = None) -> None:
+        self.backbone = backbone
+        self.config = config or DiffSegConfig.for_backbone(backbone)
+
+    @classmethod
+    def from_pretrained(cls, backbone: str | None = None, **overrides: Any) -> DiffSegPipeline:
+        """Load a backbone (folder, hub id, or ``None`` for the shipped mini-SD) with its DiffSeg defaults."""
+        from diffuseg.backbones.latent import LatentDiffusionBackbone
+
+        bb = LatentDiffusionBackbone.from_pretrained(backbone)
+        return cls(bb, DiffSegConfig.for_backbone(bb, **overrides))
+
+    def to(self, device: str | torch.device) -> DiffSegPipeline:
+        self.backbone.to(device)
+        return self
+
+    def check_inputs(self, images: Any, class_names: Any, kl_threshold: Sequence[float], num_points: int,
+                     timestep: int) -> tuple[list[np.ndarray], list[str] | None]:
+        imgs = check_images(images)
+        names = parse_classes(class_names)
+        n_train = int(self.backbone.scheduler.config.num_train_timesteps)
+        if not 0 <= int(timestep) < n_train:
+            raise ValueError(f"timestep must be in [0, {n_train}), got {timestep}")
+        if isinstance(kl_threshold, (int, float)) or not len(kl_threshold):
+            raise ValueError(f"kl_threshold is a list (one value per merging iteration), got {kl_threshold!r}")
+        if num_points < 2:
+            raise ValueError(f"num_points must be ≥ 2, got {num_points}")
+        return imgs, names
+
+    @torch.no_grad()
+    def attention(self, images: list[np.ndarray], timestep: int, prompt: str = "",
+                  cross: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Head- and layer-averaged self- (and cross-) attention per resolution for a batch."""
+        from diffuseg.backbones.attention import capture_attention
+
+        latents = self.backbone.encode_image(images)
+        text = self.backbone.encode_text([prompt] * len(images))
+        with capture_attention(self.backbone.unet, self_attention=True, cross_attention=cross) as store:
+            self.backbone.unet_forward(latents, timestep, text)
+        return store.by_resolution("attn1"), (store.by_resolution("attn2") if cross else {})
+
+    def __call__(
+        self,
+        images: Any,
+        class_names: Sequence[str] | str | None = None,
+        kl_threshold: Sequence[float] | None = None,
+        threshold_mode: str | None = None,
+        num_points: int | None = None,
+        timestep: int | None = None,
+        output_size: int | None = None,
+        refine: bool | None = None,
+        num_clusters: int | Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SegmentationOutput:
+        """Segment images.
+
+        Args:
+            images: uint8 ``(H, W, 3)`` array(s).
+            class_names: optional names; when given, segments are named by cross-attention and
+                ``labels`` index ``class_names``.
+            kl_threshold / threshold_mode / num_points / timestep / output_size / refine:
+                override the configured DiffSeg settings for this call.
+            num_clusters: replace the KL merging by K-means on the same aggregated attention
+                (an int: K-means-C; one int per image: K-means-S).
+            generator: seeds K-means (the UNet pass itself is deterministic).
+        """
+        from diffuseg.methods.diffseg import aggregate_attention, kmeans_attention, segment_attention
+
+        c = self.config
+        kl = list(kl_threshold if kl_threshold is not None else c.kl_threshold)
+        mode = threshold_mode or c.threshold_mode
+        t = int(timestep if timestep is not None else c.timestep)
+        points = int(num_points if num_points is not None else c.num_points)
+        # 1. check inputs
+        imgs, names = self.check_inputs(images, class_names, kl, points, t)
+        # 2. one UNet pass with the empty prompt: self-attention maps
+        self_maps, _ = self.attention(imgs, t)
+        top = max(self_maps)
+        out_size = output_size or c.output_size or top
+        maps = {s: m[:, None] for s, m in self_maps.items()}  # (B, 1 head, Q, K): heads already averaged
+        # 3. group queries: DiffSeg's KL merging, or K-means on the same aggregated attention
+        if num_clusters is not None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else 0
+            segments = kmeans_attention(aggregate_attention(maps), num_clusters, seed, output_size=out_size)
+        else:
+            segments = segment_attention(maps, kl_threshold=kl, num_points=min(points, top),
+                                         refine=c.refine if refine is None else refine, fidelity=c.fidelity,
+                                         output_size=out_size, threshold_mode=mode)
+        segments = _compact_ids(np.asarray(segments))
+        if names is None:
+            return SegmentationOutput(labels=segments, extras={"num_segments": _count(segments)})
+        # 4. name the segments by the cross-attention of the class tokens (a second pass, with a prompt)
+        prompt = class_prompt(names)
+        _, cross = self.attention(imgs, t, prompt=prompt, cross=True)
+        tokens = self.backbone.tokenize([prompt])[0]
+        positions = _token_positions(tokens, names, self.backbone.tokenize)
+        labels, scores = label_segments_by_cross_attention(segments, cross, positions)
+        return SegmentationOutput(labels=labels, scores=scores, class_names=names,
+                                  extras={"segments": segments, "num_segments": _count(segments)})
+
+
+def _compact_ids(seg: np.ndarray) -> np.ndarray:
+    """Renumber each image's segment ids to 0..M-1 (the post-processing may skip ids)."""
+    out = np.empty_like(seg)
+    for i, s in enumerate(seg):
+        _, inv = np.unique(s, return_inverse=True)
+        out[i] = inv.reshape(s.shape)
+    return out
+
+
+def _count(seg: np.ndarray) -> list[int]:
+    return [int(s.max()) + 1 for s in seg]

@@ -1,0 +1,81 @@
+"""``diffuseg evaluate``: run any method's pipeline over a dataset split and score it.
+
+Unsupervised methods (DiffSeg without class names) are scored with Hungarian matching;
+semantic output with the confusion matrix, seen/unseen/hIoU from the dataset's ``unseen``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from diffuseg.eval.runner import evaluate_method, load_meta, load_split_samples
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["evaluate_pipeline"]
+
+
+def evaluate_pipeline(
+    pipe,
+    method: str,
+    data_dir: str | os.PathLike,
+    split: str = "val",
+    matching: str = "per_image",
+    semantic: bool = False,
+    limit: int | None = None,
+    batch_size: int = 16,
+    json_out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``pipe`` on ``data_dir/<split>`` and return (and optionally write) the report JSON."""
+    from diffuseg.methods import is_unsupervised
+
+    meta = load_meta(data_dir)
+    names = list(meta["classes"])
+    unsupervised = is_unsupervised(method) and not semantic
+    samples = load_split_samples(data_dir, split)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be ≥ 1, got {limit}")
+        samples = itertools.islice(samples, limit)
+    call = {} if unsupervised else {"class_names": names}
+
+    def predict(images):
+        return pipe(images, **call)
+
+    protocol: dict[str, Any] = {"method_config": _config_dict(pipe)}
+    if unsupervised:
+        protocol["output"] = "segment ids (no class names given to the method)"
+    return evaluate_method(
+        predict,
+        samples,
+        num_classes=len(names),
+        class_names=names,
+        unseen=None if unsupervised else meta.get("unseen"),
+        unsupervised=unsupervised,
+        matching=matching,
+        progress=progress,
+        batch_size=batch_size,
+        method=method,
+        dataset=str(meta.get("name", Path(data_dir).name)),
+        split=split,
+        ignore_index=int(meta.get("ignore_index", 255)),
+        coarse_groups=None if unsupervised else meta.get("coarse_groups"),
+        protocol=protocol,
+        json_out=json_out,
+    )
+
+
+def _config_dict(pipe) -> dict[str, Any]:
+    cfg = getattr(pipe, "config", None)
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    return dict(cfg) if isinstance(cfg, dict) else {}
