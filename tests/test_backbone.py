@@ -89,7 +89,10 @@ def test_capture_restores_on_error_and_filters_layers(saved_tiny_sd):
         assert captured and all(k.startswith("up_blocks") for k in captured)
         raise RuntimeError("boom")
     assert dict(model.unet.attn_processors) == before
-    with pytest.raises(ValueError, match="no attention layers"), capture_attention(model.unet, layer_pattern="nope"):
+    with (
+        pytest.raises(ValueError, match="no attention layers"),
+        capture_attention(model.unet, layer_pattern="nope"),
+    ):
         pass
 
 
@@ -137,9 +140,16 @@ def test_feature_extractor_shared_noise_and_shapes(saved_tiny_sd):
 def test_feature_extractor_on_unconditional_unet():
     from diffusers import DDPMScheduler, UNet2DModel
 
-    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, layers_per_block=1)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
     fx = UNetFeatureExtractor(unet, DDPMScheduler(), ["up_blocks.0", "up_blocks.1"], [10])
     feats = fx(torch.randn(2, 3, 16, 16))
     assert [f.shape[1] for f in feats] == [16, 8]

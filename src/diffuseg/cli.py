@@ -28,12 +28,15 @@ logger = logging.getLogger("diffuseg")
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings only.")]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Config override, dotted: --set unet.train.lr=3e-4 (repeatable).")
+    list[str] | None,
+    typer.Option("--set", help="Config override, dotted: --set unet.train.lr=3e-4 (repeatable)."),
 ]
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _fail(msg: str) -> None:
@@ -61,8 +64,14 @@ def data_fashion_scenes(
 
     try:
         path = generate_fashion_scenes(
-            out, num_train=num_train, num_val=num_val, seed=seed, size=size,
-            fashion_mnist=str(fashion_mnist) if fashion_mnist else None, progress=not quiet, overwrite=overwrite,
+            out,
+            num_train=num_train,
+            num_val=num_val,
+            seed=seed,
+            size=size,
+            fashion_mnist=str(fashion_mnist) if fashion_mnist else None,
+            progress=not quiet,
+            overwrite=overwrite,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         _fail(str(e))
@@ -71,7 +80,9 @@ def data_fashion_scenes(
 
 @data_app.command("convert")
 def data_convert(
-    name: Annotated[str, typer.Argument(help="voc2012 | cityscapes | cityscapes27 | coco-stuff27 | ade20k | ...")],
+    name: Annotated[
+        str, typer.Argument(help="voc2012 | cityscapes | cityscapes27 | coco-stuff27 | ade20k | ...")
+    ],
     src: Annotated[Path, typer.Option(help="The dataset as downloaded (official layout).")],
     out: Annotated[Path, typer.Option(help="Output folder in diffuseg's layout.")],
     quiet: Quiet = False,
@@ -101,7 +112,9 @@ def train_vae(
     data: Annotated[Path, typer.Option(help="Dataset folder (img_dir/train, img_dir/val).")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, logs, and the exported vae/.")],
     config: Annotated[Path, typer.Option(help="Training recipe (YAML).")] = Path("configs/mini-sd.yaml"),
-    max_minutes: Annotated[float | None, typer.Option(help="Stop (resumably) after this many minutes.")] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Stop (resumably) after this many minutes.")
+    ] = None,
     set_: SetOpt = None,
     quiet: Quiet = False,
 ) -> None:
@@ -119,7 +132,9 @@ def train_mini_sd(
     vae: Annotated[Path, typer.Option(help="Folder holding the trained vae/ (output of `train vae`).")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, logs, latent cache, exported model.")],
     config: Annotated[Path, typer.Option(help="Training recipe (YAML).")] = Path("configs/mini-sd.yaml"),
-    max_minutes: Annotated[float | None, typer.Option(help="Stop (resumably) after this many minutes.")] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Stop (resumably) after this many minutes.")
+    ] = None,
     export: Annotated[
         Path | None, typer.Option(help="Also export the current (EMA) weights as a backbone folder here.")
     ] = None,
@@ -130,8 +145,15 @@ def train_mini_sd(
     _setup_logging(quiet)
     from diffuseg.train.latent_diffusion import train_unet as run
 
-    result = run(data, vae, out, _train_config(config, set_), max_minutes=max_minutes, progress=not quiet,
-                 export=export)
+    result = run(
+        data,
+        vae,
+        out,
+        _train_config(config, set_),
+        max_minutes=max_minutes,
+        progress=not quiet,
+        export=export,
+    )
     typer.echo(f"step {result.step}, finished={result.finished}, last loss {result.last_loss}")
 
 
@@ -140,7 +162,9 @@ def train_mini_sd(
 def generate(
     prompt: Annotated[list[str], typer.Option(help="Text prompt (repeatable: one image each).")],
     out: Annotated[Path, typer.Option(help="Output PNG (a grid when several prompts/samples).")],
-    backbone: Annotated[str | None, typer.Option(help="Model folder or hub id (default: shipped mini-SD).")] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="Model folder or hub id (default: shipped mini-SD).")
+    ] = None,
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 3.0,
     num_samples: Annotated[int, typer.Option(help="Samples per prompt.")] = 1,
@@ -162,8 +186,9 @@ def generate(
         _fail(str(e))
     prompts = [p for p in prompt for _ in range(num_samples)]
     g = torch.Generator().manual_seed(seed)
-    imgs = model.generate(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                          progress=not quiet)
+    imgs = model.generate(
+        prompts, num_inference_steps=steps, guidance_scale=guidance, generator=g, progress=not quiet
+    )
     arr = ((imgs.permute(0, 2, 3, 1).float().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
     write_image(out, arr[0] if len(arr) == 1 else image_grid(list(arr), nrow=num_samples))
     typer.echo(f"wrote {out}")
@@ -201,8 +226,12 @@ def _load(method: str, checkpoint: str | None, backbone: str | None, call_kwargs
 
 
 Method = Annotated[str, typer.Option(help="diffseg (more methods are added as they are trained).")]
-Checkpoint = Annotated[str | None, typer.Option(help="Method checkpoint folder or hub id (default: shipped).")]
-Backbone = Annotated[str | None, typer.Option(help="Latent diffusion backbone folder or hub id (SD 1.x/2.x).")]
+Checkpoint = Annotated[
+    str | None, typer.Option(help="Method checkpoint folder or hub id (default: shipped).")
+]
+Backbone = Annotated[
+    str | None, typer.Option(help="Latent diffusion backbone folder or hub id (SD 1.x/2.x).")
+]
 KLOpt = Annotated[str | None, typer.Option(help="DiffSeg merging thresholds, one per iteration: 1.1,1.1,1.1")]
 ModeOpt = Annotated[str | None, typer.Option(help="DiffSeg threshold mode: absolute | relative (quantiles).")]
 
@@ -212,7 +241,9 @@ def segment(
     inputs: Annotated[Path, typer.Argument(help="An image file or a folder of images.")],
     out: Annotated[Path, typer.Option(help="Output folder: <stem>.png (ids) and <stem>_overlay.png.")],
     method: Method = "diffseg",
-    classes: Annotated[str | None, typer.Option(help="Class names, comma-separated: 'background,bag,sandal'.")] = None,
+    classes: Annotated[
+        str | None, typer.Option(help="Class names, comma-separated: 'background,bag,sandal'.")
+    ] = None,
     checkpoint: Checkpoint = None,
     backbone: Backbone = None,
     kl_threshold: KLOpt = None,
@@ -242,7 +273,9 @@ def evaluate(
     checkpoint: Checkpoint = None,
     backbone: Backbone = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report JSON here.")] = None,
-    matching: Annotated[str, typer.Option(help="Unsupervised: per_image (DiffSeg) | dataset (STEGO).")] = "per_image",
+    matching: Annotated[
+        str, typer.Option(help="Unsupervised: per_image (DiffSeg) | dataset (STEGO).")
+    ] = "per_image",
     semantic: Annotated[
         bool, typer.Option(help="DiffSeg: name segments with the dataset's class names (supervised scoring).")
     ] = False,
@@ -259,8 +292,18 @@ def evaluate(
 
     pipe = _load(method, checkpoint, backbone, _method_kwargs(method, kl_threshold, threshold_mode))
     try:
-        report = evaluate_pipeline(pipe, method, data, split=split, matching=matching, semantic=semantic,
-                                   limit=limit, batch_size=batch_size, json_out=json_out, progress=not quiet)
+        report = evaluate_pipeline(
+            pipe,
+            method,
+            data,
+            split=split,
+            matching=matching,
+            semantic=semantic,
+            limit=limit,
+            batch_size=batch_size,
+            json_out=json_out,
+            progress=not quiet,
+        )
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(format_report(report))
@@ -273,7 +316,9 @@ def evaluate_predictions(
     data: Annotated[Path, typer.Option(help="Dataset folder (ann_dir/<split>, meta.json).")],
     split: Annotated[str, typer.Option()] = "val",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report JSON here.")] = None,
-    unsupervised: Annotated[bool, typer.Option(help="Predictions are segment ids: Hungarian matching.")] = False,
+    unsupervised: Annotated[
+        bool, typer.Option(help="Predictions are segment ids: Hungarian matching.")
+    ] = False,
     matching: Annotated[str, typer.Option(help="per_image (DiffSeg) | dataset (STEGO).")] = "per_image",
     quiet: Quiet = False,
 ) -> None:
@@ -283,7 +328,9 @@ def evaluate_predictions(
     from diffuseg.eval.runner import format_report
 
     try:
-        report = run(pred_dir, data, split=split, unsupervised=unsupervised, matching=matching, json_out=json_out)
+        report = run(
+            pred_dir, data, split=split, unsupervised=unsupervised, matching=matching, json_out=json_out
+        )
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(format_report(report))

@@ -102,7 +102,9 @@ class UNetFeatureExtractor:
             for t in self.timesteps:
                 tt = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
                 xt = self.scheduler.add_noise(x0, noise, tt)
-                kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+                kwargs = (
+                    {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+                )
                 self.unet(xt, tt, **kwargs)
                 feats.extend(out[name] for name in self.layers)
         return feats

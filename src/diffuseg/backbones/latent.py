@@ -47,7 +47,8 @@ def default_checkpoint_dir(name: str = DEFAULT_BACKBONE) -> Path:
     if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"the shipped checkpoint {name!r} is not at {path}. Clone the repository with its "
-            "checkpoints/ folder, set DIFFUSEG_CHECKPOINTS to where they are, or pass a model folder / hub id."
+            "checkpoints/ folder, set DIFFUSEG_CHECKPOINTS to where they are, "
+            "or pass a model folder / hub id."
         )
     return path
 
@@ -69,7 +70,9 @@ def preprocess_images(images: Any, processing_res: int | None) -> torch.Tensor:
     """
     if isinstance(images, torch.Tensor) and images.is_floating_point():
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"float image tensors must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+            raise ValueError(
+                f"float image tensors must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}"
+            )
         batch = [images[i] for i in range(images.shape[0])]
     else:
         if isinstance(images, np.ndarray) and images.ndim == 3:
@@ -90,8 +93,13 @@ def preprocess_images(images: Any, processing_res: int | None) -> torch.Tensor:
         top, left = (h - s) // 2, (w - s) // 2
         x = x[:, top : top + s, left : left + s]
         if processing_res and s != processing_res:
-            x = F.interpolate(x[None], size=(processing_res, processing_res), mode="bilinear",
-                              align_corners=False, antialias=processing_res < s)[0]
+            x = F.interpolate(
+                x[None],
+                size=(processing_res, processing_res),
+                mode="bilinear",
+                align_corners=False,
+                antialias=processing_res < s,
+            )[0]
         out.append(x)
     sizes = {tuple(x.shape[-2:]) for x in out}
     if len(sizes) > 1:
@@ -114,7 +122,11 @@ class CLIPConditioner(nn.Module):
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> torch.Tensor:
         ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            list(prompts),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids.to(self.text_encoder.device)
         return self.text_encoder(ids)[0]
 
@@ -169,7 +181,9 @@ class LatentDiffusionBackbone(nn.Module):
     embedded mini-SD) or directly from components (tests, training).
     """
 
-    def __init__(self, vae, unet, scheduler, text_conditioner: nn.Module, config: BackboneConfig | None = None):
+    def __init__(
+        self, vae, unet, scheduler, text_conditioner: nn.Module, config: BackboneConfig | None = None
+    ):
         super().__init__()
         self.vae, self.unet, self.text_conditioner = vae, unet, text_conditioner
         self.scheduler = scheduler
@@ -199,10 +213,16 @@ class LatentDiffusionBackbone(nn.Module):
         cfg = BackboneConfig.from_dict(_read_optional_json(src, DIFFUSEG_CONFIG, lfo, revision))
         try:
             vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=torch_dtype, **common)
-            unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=torch_dtype, **common)
+            unet = UNet2DConditionModel.from_pretrained(
+                src, subfolder="unet", torch_dtype=torch_dtype, **common
+            )
             scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **common)
         except OSError as e:
-            hint = " Offline (HF_HUB_OFFLINE / local_files_only): a hub id must already be cached." if lfo else ""
+            hint = (
+                " Offline (HF_HUB_OFFLINE / local_files_only): a hub id must already be cached."
+                if lfo
+                else ""
+            )
             raise FileNotFoundError(
                 f"could not load a latent diffusion model from {src!r} (expected a folder or hub id in the "
                 f"diffusers layout: vae/, unet/, scheduler/ [, text_encoder/, tokenizer/]).{hint} Cause: {e}"
@@ -302,7 +322,9 @@ class LatentDiffusionBackbone(nn.Module):
 
     # ------------------------------------------------------------------ running the UNet
     @torch.no_grad()
-    def unet_forward(self, latents: torch.Tensor, timestep: int | torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def unet_forward(
+        self, latents: torch.Tensor, timestep: int | torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
         """One UNet pass; ``timestep`` an int or ``(B,)`` tensor. Returns the model output."""
         t = torch.as_tensor(timestep, device=latents.device)
         if t.ndim == 0:
@@ -368,7 +390,9 @@ def _read_optional_json(src: str, name: str, local_files_only: bool, revision: s
     try:
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(src, name, revision=revision, local_files_only=local_files_only)).read_text())
+        return json.loads(
+            Path(hf_hub_download(src, name, revision=revision, local_files_only=local_files_only)).read_text()
+        )
     except Exception:  # the file is optional: real SD repos do not have it
         return {}
 
@@ -383,7 +407,11 @@ def _load_text_conditioner(src: str, cfg: BackboneConfig, torch_dtype, common: d
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **common)
-        encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=torch_dtype, **common)
+        encoder = CLIPTextModel.from_pretrained(
+            src, subfolder="text_encoder", torch_dtype=torch_dtype, **common
+        )
     except OSError as e:
-        raise FileNotFoundError(f"{src}: no text_encoder/ + tokenizer/ for a CLIP-conditioned model: {e}") from e
+        raise FileNotFoundError(
+            f"{src}: no text_encoder/ + tokenizer/ for a CLIP-conditioned model: {e}"
+        ) from e
     return CLIPConditioner(tokenizer, encoder.eval().requires_grad_(False))

@@ -160,6 +160,8 @@ def tiny_sd_backbone(tmp_dir: str | os.PathLike, seed: int = 0, sample_size: int
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
     )
-    tokenizer, text_model = tiny_clip(Path(tmp_dir) / "tiny_clip_tokenizer", hidden_size=32, seed=seed)
+    tokenizer, text_model = tiny_clip(
+        Path(tmp_dir) / "tiny_clip_tokenizer", hidden_size=32, max_length=77, seed=seed
+    )
     cfg = BackboneConfig(text_encoder={"type": "clip"}, processing_res=sample_size * 8)
     return LatentDiffusionBackbone(vae, unet, scheduler, CLIPConditioner(tokenizer, text_model), cfg).eval()

@@ -23,14 +23,16 @@ __all__ = ["check_images", "parse_classes", "segment_files"]
 
 
 def check_images(images: Any) -> list[np.ndarray]:
-    """Normalise pipeline input to a list of uint8 ``(H, W, 3)`` arrays, or raise ``ValueError`` with the fix."""
+    """Normalise pipeline input to a list of uint8 ``(H, W, 3)`` arrays; ``ValueError`` says the fix."""
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images = [images]
     elif isinstance(images, np.ndarray) and images.ndim == 4:
         images = list(images)
     if not isinstance(images, (list, tuple)) or not images:
-        raise ValueError("images: pass a uint8 (H, W, 3) array or a non-empty list of them "
-                         "(read files with diffuseg.io.read_image)")
+        raise ValueError(
+            "images: pass a uint8 (H, W, 3) array or a non-empty list of them "
+            "(read files with diffuseg.io.read_image)"
+        )
     out = []
     for i, im in enumerate(images):
         arr = np.asarray(im)
@@ -46,7 +48,11 @@ def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
     """``"a, b,c"`` or ``["a", "b"]`` → ``["a", "b", "c"]``; never iterates a string by character."""
     if classes is None:
         return None
-    names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else [str(c).strip() for c in classes]
+    names = (
+        [c.strip() for c in classes.split(",")]
+        if isinstance(classes, str)
+        else [str(c).strip() for c in classes]
+    )
     names = [n for n in names if n]
     if not names:
         raise ValueError("classes: give at least one class name, e.g. --classes 'background,bag,sandal'")

@@ -100,7 +100,9 @@ def label_segments_by_cross_attention(
     for side, a in cross_maps.items():
         a = a.float().cpu().view(b, side, side, -1)
         cls_maps = torch.stack([a[..., p].mean(-1) for p in positions], dim=1)
-        per_class += (side / total) * F.interpolate(cls_maps, size=(h, w), mode="bilinear", align_corners=False)
+        per_class += (side / total) * F.interpolate(
+            cls_maps, size=(h, w), mode="bilinear", align_corners=False
+        )
     per_class /= per_class.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
     labels = np.zeros_like(segments)
     for i in range(b):
@@ -139,22 +141,28 @@ class DiffSegPipeline:
         self.backbone.to(device)
         return self
 
-    def check_inputs(self, images: Any, class_names: Any, kl_threshold: Sequence[float], num_points: int,
-                     timestep: int) -> tuple[list[np.ndarray], list[str] | None]:
+    def check_inputs(
+        self, images: Any, class_names: Any, kl_threshold: Sequence[float], num_points: int, timestep: int
+    ) -> tuple[list[np.ndarray], list[str] | None, list[float]]:
+        """Validate a call's inputs; every error says what to pass instead."""
         imgs = check_images(images)
         names = parse_classes(class_names)
         n_train = int(self.backbone.scheduler.config.num_train_timesteps)
         if not 0 <= int(timestep) < n_train:
             raise ValueError(f"timestep must be in [0, {n_train}), got {timestep}")
-        if isinstance(kl_threshold, (int, float)) or not len(kl_threshold):
-            raise ValueError(f"kl_threshold is a list (one value per merging iteration), got {kl_threshold!r}")
+        if isinstance(kl_threshold, (int, float, str)) or not len(kl_threshold):
+            raise ValueError(
+                "kl_threshold is a list (one value per merging iteration, e.g. [1.1, 1.1, 1.1]), "
+                f"got {kl_threshold!r}"
+            )
         if num_points < 2:
             raise ValueError(f"num_points must be ≥ 2, got {num_points}")
-        return imgs, names
+        return imgs, names, [float(v) for v in kl_threshold]
 
     @torch.no_grad()
-    def attention(self, images: list[np.ndarray], timestep: int, prompt: str = "",
-                  cross: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    def attention(
+        self, images: list[np.ndarray], timestep: int, prompt: str = "", cross: bool = False
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Head- and layer-averaged self- (and cross-) attention per resolution for a batch."""
         from diffuseg.backbones.attention import capture_attention
 
@@ -192,12 +200,12 @@ class DiffSegPipeline:
         from diffuseg.methods.diffseg import aggregate_attention, kmeans_attention, segment_attention
 
         c = self.config
-        kl = list(kl_threshold if kl_threshold is not None else c.kl_threshold)
+        kl = kl_threshold if kl_threshold is not None else c.kl_threshold
         mode = threshold_mode or c.threshold_mode
         t = int(timestep if timestep is not None else c.timestep)
         points = int(num_points if num_points is not None else c.num_points)
         # 1. check inputs
-        imgs, names = self.check_inputs(images, class_names, kl, points, t)
+        imgs, names, kl = self.check_inputs(images, class_names, kl, points, t)
         # 2. one UNet pass with the empty prompt: self-attention maps
         self_maps, _ = self.attention(imgs, t)
         top = max(self_maps)
@@ -208,9 +216,15 @@ class DiffSegPipeline:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else 0
             segments = kmeans_attention(aggregate_attention(maps), num_clusters, seed, output_size=out_size)
         else:
-            segments = segment_attention(maps, kl_threshold=kl, num_points=min(points, top),
-                                         refine=c.refine if refine is None else refine, fidelity=c.fidelity,
-                                         output_size=out_size, threshold_mode=mode)
+            segments = segment_attention(
+                maps,
+                kl_threshold=kl,
+                num_points=min(points, top),
+                refine=c.refine if refine is None else refine,
+                fidelity=c.fidelity,
+                output_size=out_size,
+                threshold_mode=mode,
+            )
         segments = _compact_ids(np.asarray(segments))
         if names is None:
             return SegmentationOutput(labels=segments, extras={"num_segments": _count(segments)})
@@ -220,8 +234,12 @@ class DiffSegPipeline:
         tokens = self.backbone.tokenize([prompt])[0]
         positions = _token_positions(tokens, names, self.backbone.tokenize)
         labels, scores = label_segments_by_cross_attention(segments, cross, positions)
-        return SegmentationOutput(labels=labels, scores=scores, class_names=names,
-                                  extras={"segments": segments, "num_segments": _count(segments)})
+        return SegmentationOutput(
+            labels=labels,
+            scores=scores,
+            class_names=names,
+            extras={"segments": segments, "num_segments": _count(segments)},
+        )
 
 
 def _compact_ids(seg: np.ndarray) -> np.ndarray:

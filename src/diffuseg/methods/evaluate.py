@@ -37,7 +37,7 @@ def evaluate_pipeline(
     meta = load_meta(data_dir)
     names = list(meta["classes"])
     unsupervised = is_unsupervised(method) and not semantic
-    samples = load_split_samples(data_dir, split)
+    samples = (_centre_crop(x) for x in load_split_samples(data_dir, split))
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be ≥ 1, got {limit}")
@@ -45,9 +45,15 @@ def evaluate_pipeline(
     call = {} if unsupervised else {"class_names": names}
 
     def predict(images):
-        return pipe(images, **call)
+        # predictions at the (cropped) label size: the method resizes internally as it needs
+        if len({im.shape for im in images}) == 1:
+            return pipe(images, output_size=images[0].shape[0], **call).labels
+        return [pipe(im, output_size=im.shape[0], **call).labels[0] for im in images]
 
-    protocol: dict[str, Any] = {"method_config": _config_dict(pipe)}
+    protocol: dict[str, Any] = {
+        "method_config": _config_dict(pipe),
+        "crop": "centre square (image and label)",
+    }
     if unsupervised:
         protocol["output"] = "segment ids (no class names given to the method)"
     return evaluate_method(
@@ -68,6 +74,19 @@ def evaluate_pipeline(
         protocol=protocol,
         json_out=json_out,
     )
+
+
+def _centre_crop(sample: dict[str, Any]) -> dict[str, Any]:
+    """Centre-crop image and label to the same square (DiffSeg's protocol; a no-op on square data)."""
+    h, w = sample["label"].shape
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    if sample["image"].shape[:2] != (h, w):
+        raise ValueError(
+            f"{sample.get('id')}: image {sample['image'].shape[:2]} and label {(h, w)} sizes differ"
+        )
+    crop = (slice(top, top + s), slice(left, left + s))
+    return {**sample, "image": sample["image"][crop], "label": sample["label"][crop]}
 
 
 def _config_dict(pipe) -> dict[str, Any]:

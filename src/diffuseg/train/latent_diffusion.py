@@ -50,10 +50,14 @@ def _split_images(data_dir: Path, split: str) -> list[Path]:
     return files
 
 
-def load_image_array(data_dir: Path, split: str, limit: int | None = None, progress: bool = False) -> np.ndarray:
-    """All images of a split as one uint8 ``(N, H, W, 3)`` array (small 64-px sets only: 20k scenes = 245 MB)."""
+def load_image_array(
+    data_dir: Path, split: str, limit: int | None = None, progress: bool = False
+) -> np.ndarray:
+    """All images of a split as one uint8 ``(N, H, W, 3)`` array (64-px sets: 20k scenes = 245 MB)."""
     files = _split_images(data_dir, split)[:limit]
-    return np.stack([read_image(f) for f in tqdm(files, desc=f"reading {split}", leave=False, disable=not progress)])
+    return np.stack(
+        [read_image(f) for f in tqdm(files, desc=f"reading {split}", leave=False, disable=not progress)]
+    )
 
 
 class ImageArrayDataset(Dataset):

@@ -840,8 +840,9 @@ def _truncate_log(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def export_checkpoint(task: TrainTask, output_dir: str | Path, export_dir: str | Path,
-                      checkpoint: str | Path | None = None) -> Path:
+def export_checkpoint(
+    task: TrainTask, output_dir: str | Path, export_dir: str | Path, checkpoint: str | Path | None = None
+) -> Path:
     """Export a checkpoint's weights (EMA when saved) with ``task.save_pretrained``, mid-training.
 
     Long trainings run in time-boxed chunks; this makes the model of any chunk usable (probes,

@@ -56,7 +56,10 @@ def diffseg_probe(
         four_d = {s: m[:, None] for s, m in maps.items()}
         for q, scorer in scorers.items():
             labels = segment_attention(
-                four_d, kl_threshold=[q] * 3, num_points=min(16, max(maps)), threshold_mode="relative",
+                four_d,
+                kl_threshold=[q] * 3,
+                num_points=min(16, max(maps)),
+                threshold_mode="relative",
                 output_size=gts.shape[-1],
             )
             scorer.update(np.asarray(labels), gts)
