@@ -344,6 +344,15 @@ def info() -> None:
     typer.echo(json.dumps({"diffuseg": diffuseg.__version__}, indent=2))
 
 
+def _register_extensions() -> None:
+    from diffuseg.cli_ext import register_all
+
+    register_all(app, train_app)
+
+
+_register_extensions()
+
+
 def main() -> None:
     app()
 
