@@ -81,19 +81,35 @@ def data_fashion_scenes(
 @data_app.command("convert")
 def data_convert(
     name: Annotated[
-        str, typer.Argument(help="voc2012 | cityscapes | cityscapes27 | coco-stuff27 | ade20k | ...")
+        str,
+        typer.Argument(
+            help="voc2012 | cityscapes | cityscapes-27 | coco-stuff-27 | ade20k | pascal-context-59"
+        ),
     ],
     src: Annotated[Path, typer.Option(help="The dataset as downloaded (official layout).")],
     out: Annotated[Path, typer.Option(help="Output folder in diffuseg's layout.")],
+    link: Annotated[str, typer.Option(help="How images are placed: symlink | hardlink | copy.")] = "symlink",
+    split_list: Annotated[
+        list[str] | None, typer.Option(help="Restrict a split to listed ids: SPLIT=FILE (repeatable).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Convert an official dataset download to diffuseg's layout (img_dir/ann_dir/meta.json)."""
     _setup_logging(quiet)
     from diffuseg.data.converters import convert_dataset
 
+    lists = {}
+    for item in split_list or []:
+        if "=" not in item:
+            _fail(f"--split-list expects SPLIT=FILE, got {item!r}")
+        split, path = item.split("=", 1)
+        lists[split] = path
     try:
-        path = convert_dataset(name, src, out, progress=not quiet)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+        path = convert_dataset(
+            name, src, out, progress=not quiet, link=link, split_lists=lists or None, overwrite=overwrite
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         _fail(str(e))
     typer.echo(f"wrote {path}")
 
