@@ -162,3 +162,14 @@ def test_generate_shapes_and_seed(saved_tiny_sd):
     assert a.shape == (1, 3, 128, 128) and torch.equal(a, b)
     with pytest.raises(ValueError, match="at least one prompt"):
         model.generate([], num_inference_steps=2)
+
+
+def test_fp16_weights_load_as_float32(tmp_path, saved_tiny_sd):
+    model, _ = saved_tiny_sd
+    model.save_pretrained(tmp_path / "half", fp16=True)
+    assert next(model.unet.parameters()).dtype == torch.float32  # saving did not change the live model
+    loaded = LatentDiffusionBackbone.from_pretrained(tmp_path / "half")
+    assert loaded.dtype == torch.float32 and loaded.vae.dtype == torch.float32
+    ref = model.unet_forward(torch.zeros(1, 4, 16, 16), 10, model.encode_text(""))
+    out = loaded.unet_forward(torch.zeros(1, 4, 16, 16), 10, loaded.encode_text(""))
+    assert torch.allclose(ref, out, atol=1e-2)
