@@ -71,13 +71,17 @@ class EfficientNetLite0Features(nn.Module):
             state = torch.load(path, map_location="cpu", weights_only=True)
             missing, unexpected = net.load_state_dict(state, strict=False)
             if missing or unexpected:
-                raise ValueError(f"{path}: not an EfficientNet-Lite0 state dict ({missing[:3]}, {unexpected[:3]})")
+                raise ValueError(
+                    f"{path}: not an EfficientNet-Lite0 state dict ({missing[:3]}, {unexpected[:3]})"
+                )
         else:
             net = efficientnet.from_name("efficientnet-lite0")
         num_blocks = len(net._blocks)
         bad = [b for b in blocks if not 0 <= int(b) < num_blocks]
         if not blocks or bad:
-            raise ValueError(f"blocks must be a non-empty list of indices in [0, {num_blocks}), got {list(blocks)}")
+            raise ValueError(
+                f"blocks must be a non-empty list of indices in [0, {num_blocks}), got {list(blocks)}"
+            )
         if input_size is not None and input_size < 32:
             raise ValueError(f"input_size must be ≥ 32 (five stride-2 stages), got {input_size}")
         self.net = net.eval().requires_grad_(False)

@@ -208,7 +208,7 @@ class LatentDiffusionBackbone(nn.Module):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         src = str(path_or_hub_id) if path_or_hub_id is not None else str(default_checkpoint_dir())
-        # shipped weights may be stored in fp16 to stay small; compute in fp32 unless asked (fp16 is slow on CPU)
+        # shipped weights may be fp16 to stay small; compute in fp32 unless asked (fp16 is slow on CPU)
         torch_dtype = torch_dtype or torch.float32
         lfo = resolve_local_files_only(local_files_only)
         common = {"local_files_only": lfo, "revision": revision}

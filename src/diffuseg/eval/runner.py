@@ -13,6 +13,7 @@ Every method's ``diffuseg evaluate`` and ``diffuseg evaluate-predictions`` go th
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -351,7 +352,10 @@ def evaluate_method(
     )
     per_image: list[float] = []
     total = 0.0
-    bar = tqdm(desc=f"evaluating {method}", disable=not progress, unit="img")
+    rank, world = _process_rank()
+    if world > 1:  # under `accelerate launch`: each process scores every world-th sample
+        samples = itertools.islice(samples, rank, None, world)
+    bar = tqdm(desc=f"evaluating {method}", disable=not progress or rank > 0, unit="img")
     for batch in _batches(samples, batch_size):
         images = [img for img, _ in batch]
         t0 = time.perf_counter()
@@ -363,6 +367,8 @@ def evaluate_method(
             ev.update(pred, gt)
         bar.update(len(batch))
     bar.close()
+    if world > 1:
+        ev, per_image, total = _gather_shards(ev, per_image, total)
     timing = {
         "seconds_per_image": statistics.median(per_image) if per_image else None,
         "batch_size": batch_size,
@@ -370,9 +376,35 @@ def evaluate_method(
         "total_predict_seconds": total,
     }
     report = ev.report(method, dataset, split, timing, protocol)
-    if json_out is not None:
+    if world > 1:
+        report["protocol"] = {**report.get("protocol", {}), "processes": world}
+    if json_out is not None and rank == 0:
         write_json(json_out, report)
     return report
+
+
+def _process_rank() -> tuple[int, int]:
+    """(rank, world size) of a distributed run started by Accelerate/torchrun; (0, 1) otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
+    return state.process_index, state.num_processes
+
+
+def _gather_shards(
+    ev: SegmentationEvaluator, per_image: list[float], total: float
+) -> tuple[SegmentationEvaluator, list[float], float]:
+    """Merge every process's evaluator and timings so that all ranks report the whole split."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([(ev, per_image, total)])
+    merged = parts[0][0]
+    for other, _, _ in parts[1:]:
+        merged = merged.merge(other)
+    return merged, [t for _, p, _ in parts for t in p], sum(t for _, _, t in parts)
 
 
 def load_split_samples(data_dir: str | os.PathLike, split: str = "val") -> Iterable[dict[str, Any]]:

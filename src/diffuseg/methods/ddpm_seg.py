@@ -181,7 +181,9 @@ class DiffusionFeatures:
                 int(backbone.config.processing_res) if backbone is not None else int(net.config.sample_size)
             )
         if backbone is not None and resolution % backbone.vae_scale_factor:
-            raise ValueError(f"resolution {resolution} must be a multiple of the VAE factor {backbone.vae_scale_factor}")
+            raise ValueError(
+                f"resolution {resolution} must be a multiple of the VAE factor {backbone.vae_scale_factor}"
+            )
         self.resolution = int(resolution)
         self.unet = net
 
@@ -204,7 +206,7 @@ class DiffusionFeatures:
 
 
 class ImageNetFeatures:
-    """EfficientNet-Lite0 stage outputs (see :class:`diffuseg.backbones.imagenet.EfficientNetLite0Features`)."""
+    """EfficientNet-Lite0 stage outputs (:class:`diffuseg.backbones.imagenet.EfficientNetLite0Features`)."""
 
     def __init__(self, resolution: int, encoder: nn.Module) -> None:
         self.resolution, self.encoder = int(resolution), encoder
@@ -259,7 +261,9 @@ def _load_unet2d(spec: str | None):
         unet = UNet2DModel.from_pretrained(spec, subfolder="unet")
         sched = DDPMScheduler.from_pretrained(spec, subfolder="scheduler")
     except OSError as e:
-        raise FileNotFoundError(f"{spec}: expected a diffusers DDPM folder with unet/ and scheduler/ ({e})") from e
+        raise FileNotFoundError(
+            f"{spec}: expected a diffusers DDPM folder with unet/ and scheduler/ ({e})"
+        ) from e
     return unet.eval().requires_grad_(False), sched
 
 
@@ -277,7 +281,9 @@ def build_feature_source(config: FeatureConfig, backbone=None) -> FeatureSource:
         )
         return ImageNetFeatures(config.resolution or 64, enc)
     if config.kind == "unet2d":
-        unet, sched = (backbone, backbone.scheduler) if backbone is not None else _load_unet2d(config.backbone)
+        unet, sched = (
+            (backbone, backbone.scheduler) if backbone is not None else _load_unet2d(config.backbone)
+        )
         return DiffusionFeatures(
             config.layers, config.timesteps, unet=unet, scheduler=sched,
             noise_seed=config.noise_seed, resolution=config.resolution,
@@ -340,7 +346,9 @@ class PixelGatherer:
         self.taps = [(_bilinear_taps(size, h), _bilinear_taps(size, w)) for h, w, _ in self.shapes]
         self.channels = sum(c for _, _, c in self.shapes)
 
-    def gather(self, groups: Sequence[np.ndarray], n: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> torch.Tensor:
+    def gather(
+        self, groups: Sequence[np.ndarray], n: np.ndarray, ys: np.ndarray, xs: np.ndarray
+    ) -> torch.Tensor:
         """``(P, C)`` float32 features of pixels ``(n[i], ys[i], xs[i])`` (indices into the output grid)."""
         parts = []
         for g, ((y0, y1, wy), (x0, x1, wx)) in zip(groups, self.taps, strict=True):
@@ -383,7 +391,7 @@ class PixelMLP(nn.Module):
         )  # fmt: skip
 
     def init_weights(self, generator: torch.Generator | None = None, gain: float = 0.02) -> PixelMLP:
-        """N(0, gain) weights and zero biases for the linear layers (BatchNorm keeps its defaults, as originally)."""
+        """N(0, gain) linear weights, zero biases; BatchNorm keeps its defaults, as in the original."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, gain, generator=generator)
@@ -538,7 +546,9 @@ class DDPMSegPipeline:
         from safetensors.torch import save_file
 
         if self.feature_config is None:
-            raise ValueError("save_pretrained needs the pipeline's feature_config (how to rebuild the features)")
+            raise ValueError(
+                "save_pretrained needs the pipeline's feature_config (how to rebuild the features)"
+            )
         out = Path(out_dir)
         (out / ENSEMBLE_DIR).mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.ensemble.state_dict().items()}
@@ -660,14 +670,17 @@ class DDPMSegPipeline:
         probs = torch.empty(total, self.ensemble.num_classes)
         device = next(self.ensemble.parameters()).device
         for start in range(0, total, self.chunk_pixels):
-            flat = np.arange(start, min(total, start + self.chunk_pixels))
-            n, rem = np.divmod(flat, size * size)
+            stop = min(total, start + self.chunk_pixels)
+            n, rem = np.divmod(np.arange(start, stop), size * size)
             ys, xs = np.divmod(rem, size)
-            x = gath.gather(groups, n, ys, xs).to(device)
-            lab, j, p = self.ensemble.predict(x)
-            labels[flat], js[flat], probs[flat] = lab.cpu(), j.cpu(), p.cpu()
+            lab, j, p = self.ensemble.predict(gath.gather(groups, n, ys, xs).to(device))
+            labels[start:stop], js[start:stop], probs[start:stop] = lab.cpu(), j.cpu(), p.cpu()
         k = self.ensemble.num_classes
-        return labels.view(b, size, size), js.view(b, size, size), probs.view(b, size, size, k).permute(0, 3, 1, 2)
+        return (
+            labels.view(b, size, size),
+            js.view(b, size, size),
+            probs.view(b, size, size, k).permute(0, 3, 1, 2),
+        )
 
     def predict_view(self, x: torch.Tensor, view: str, size: int) -> tuple[torch.Tensor, ...]:
         """Features → ensemble for one TTA view, mapped back to the original geometry."""
