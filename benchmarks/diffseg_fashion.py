@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             "## DiffSeg on FashionScenes (mini-SD)",
             "",
             provenance(args.threads),
-            f"- backbone: `{args.backbone}`; data: {args.num_val} val scenes; sweep on {args.num_tune} train scenes",
+            f"- backbone: `{args.backbone}`; {args.num_val} val scenes; sweep: {args.num_tune} train scenes",
             f"- K-means-C uses k = {k_mean} (mean classes per val image); K-means-S the true count per image",
             f"- DiffSeg post-processing: {results['DiffSeg']['post_s_per_image']:.3f} s/image (fast mode)",
             f"- total run time: {time.time() - started:.0f} s",

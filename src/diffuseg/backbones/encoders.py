@@ -121,7 +121,9 @@ class FrozenImageEncoder(nn.Module, metaclass=abc.ABCMeta):
         if size < self.min_image_size:
             raise ValueError(f"image size {size} is below this encoder's minimum {self.min_image_size}")
         if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            images = F.interpolate(
+                images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )
         mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
         return (images - mean) / std
@@ -205,7 +207,8 @@ class EfficientNetLiteEncoder(FrozenImageEncoder):
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as e:
             raise ValueError(
-                "EfficientNet-Lite needs the package efficientnet-lite-pytorch (pip install efficientnet-lite-pytorch)"
+                "EfficientNet-Lite needs the package efficientnet-lite-pytorch "
+                "(pip install efficientnet-lite-pytorch)"
             ) from e
         if not model_name.startswith("efficientnet-lite"):
             raise ValueError(f"model_name must be efficientnet-lite0..4, got {model_name!r}")

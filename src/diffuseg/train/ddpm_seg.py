@@ -520,7 +520,7 @@ def train_pixel_classifier(
                 loss.backward()
                 opt.step()
                 it += 1
-                loss_v = float(loss)
+                loss_v = loss.item()
                 bar.update(1)
                 if epoch > cfg.stop_after_epoch:
                     best, bad = (loss_v, 0) if loss_v < best else (best, bad + 1)
