@@ -154,6 +154,9 @@ def train_mini_sd(
     export: Annotated[
         Path | None, typer.Option(help="Also export the current (EMA) weights as a backbone folder here.")
     ] = None,
+    export_only: Annotated[
+        bool, typer.Option(help="Only export the latest checkpoint to --export (e.g. while training runs).")
+    ] = False,
     set_: SetOpt = None,
     quiet: Quiet = False,
 ) -> None:
@@ -169,8 +172,12 @@ def train_mini_sd(
         max_minutes=max_minutes,
         progress=not quiet,
         export=export,
+        export_only=export_only,
     )
-    typer.echo(f"step {result.step}, finished={result.finished}, last loss {result.last_loss}")
+    if result is None:
+        typer.echo(f"exported the latest checkpoint of {out} to {export}")
+    else:
+        typer.echo(f"step {result.step}, finished={result.finished}, last loss {result.last_loss}")
 
 
 # --------------------------------------------------------------------------------------- generate

@@ -368,10 +368,13 @@ def train_unet(
     max_minutes: float | None = None,
     progress: bool = True,
     export: str | Path | None = None,
+    export_only: bool = False,
 ):
     """Stage 2: train the mini-SD UNet on cached latents; ``out_dir/final`` is the exported backbone.
 
-    ``export`` additionally writes the latest checkpoint's (EMA) weights there, finished or not.
+    ``export`` additionally writes the latest checkpoint's (EMA) weights there, finished or not;
+    with ``export_only`` nothing is trained (export a run that is still going, from another process).
+    Returns the loop's ``TrainResult`` (``None`` with ``export_only``).
     """
     from diffuseg.train.loop import export_checkpoint, train
 
@@ -389,6 +392,11 @@ def train_unet(
         caption_dropout=float(cfg.get("caption_dropout", 0.1)),
         num_val=int(cfg.get("num_val", 200)),
     )
+    if export_only:
+        if export is None:
+            raise ValueError("export_only needs an export folder")
+        export_checkpoint(task, out, Path(export))
+        return None
     backbone.unet.train().requires_grad_(True)
     result = train(task, _loop_config(cfg, out, seed, max_minutes, progress))
     if export is not None:
