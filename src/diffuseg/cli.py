@@ -248,7 +248,7 @@ def _load(method: str, checkpoint: str | None, backbone: str | None, call_kwargs
         _fail(str(e))
 
 
-Method = Annotated[str, typer.Option(help="diffseg (more methods are added as they are trained).")]
+Method = Annotated[str, typer.Option(help="A method: diffseg | ddpm-seg | zs3d | seg-diffusion | esda.")]
 Checkpoint = Annotated[
     str | None, typer.Option(help="Method checkpoint folder or hub id (default: shipped).")
 ]

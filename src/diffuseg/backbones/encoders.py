@@ -309,6 +309,33 @@ def clip_vit_config(preset: str = "vit-b/16", **overrides: Any):
     return CLIPVisionConfig(**{**presets[preset], **overrides})
 
 
+def _has_visual_projection(src: str, local_files_only: bool) -> bool:
+    """Whether a checkpoint holds CLIP's visual projection: a full CLIP model or a *WithProjection tower."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(src, local_files_only=local_files_only)
+    archs = " ".join(getattr(cfg, "architectures", None) or [])
+    return cfg.model_type == "clip" or "WithProjection" in archs
+
+
+def _load_clip_vision(src: str, local_files_only: bool) -> nn.Module:
+    """A CLIP vision tower from a folder: with the visual projection when the checkpoint has one."""
+    from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+
+    try:
+        cls = (
+            CLIPVisionModelWithProjection
+            if _has_visual_projection(src, local_files_only)
+            else CLIPVisionModel
+        )
+        return cls.from_pretrained(src, local_files_only=local_files_only)
+    except OSError as e:
+        raise ValueError(
+            f"could not load a CLIP vision model from {src!r}: {e}. Pass a local folder with config.json "
+            "and weights (e.g. a copy of openai/clip-vit-base-patch16)"
+        ) from e
+
+
 def _layer_call(layer: nn.Module) -> Callable[[Tensor], Tensor]:
     """Call a ``CLIPEncoderLayer`` without masks across transformers 4.x (tuple, causal mask) and 5.x."""
     params = inspect.signature(layer.forward).parameters
@@ -342,30 +369,25 @@ class CLIPViTEncoder(FrozenImageEncoder):
     mean = CLIP_MEAN
     std = CLIP_STD
 
-    def __init__(self, path: str | os.PathLike, local_files_only: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        local_files_only: bool = True,
+        model: nn.Module | None = None,
+    ) -> None:
         super().__init__()
-        from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
-
-        src = str(path)
-        try:
-            config = CLIPVisionConfig.from_pretrained(src, local_files_only=local_files_only)
-            try:
-                model = CLIPVisionModelWithProjection.from_pretrained(src, local_files_only=local_files_only)
-                projection: nn.Module | None = model.visual_projection
-                vision = model.vision_model
-            except (OSError, ValueError, KeyError):
-                vision = CLIPVisionModel.from_pretrained(src, local_files_only=local_files_only)
-                projection = None
-        except OSError as e:
-            raise ValueError(
-                f"could not load a CLIP vision model from {src!r}: {e}. Pass a local folder with config.json "
-                "and weights (e.g. a copy of openai/clip-vit-base-patch16)"
-            ) from e
-        # transformers 4.x wraps the layers in CLIPVisionModel.vision_model; 5.x does not
+        if (path is None) == (model is None):
+            raise ValueError("give exactly one of path (a CLIP folder) or model (a loaded CLIP vision model)")
+        src = str(path) if path is not None else f"<in-memory {type(model).__name__}>"
+        if model is None:
+            model = _load_clip_vision(src, local_files_only)
+        projection = getattr(model, "visual_projection", None)
+        vision = getattr(model, "vision_model", model)  # *WithProjection, and 4.x CLIPVisionModel
         self.vision = getattr(vision, "vision_model", vision)
         self.projection = projection
         self._layers = [_layer_call(layer) for layer in self.vision.encoder.layers]
         self.source = src
+        config = model.config
         self.patch_size = int(config.patch_size)
         width = int(config.hidden_size)
         n = int(config.num_hidden_layers)

@@ -14,6 +14,7 @@ __all__ = ["METHODS", "load_pipeline"]
 METHODS: dict[str, tuple[str, str, bool]] = {
     # name: (module, class, unsupervised)
     "diffseg": ("diffuseg.methods.diffseg_pipeline", "DiffSegPipeline", True),
+    "seg-diffusion": ("diffuseg.methods.seg_diffusion", "SegDiffusionPipeline", False),
 }
 
 

@@ -35,6 +35,9 @@ def evaluate_pipeline(
     from diffuseg.methods import is_unsupervised
 
     meta = load_meta(data_dir)
+    check_meta = getattr(pipe, "check_dataset_meta", None)
+    if callable(check_meta):  # zero-shot pipelines warn when the dataset's unseen list differs from theirs
+        check_meta(meta)
     names = list(meta["classes"])
     unsupervised = is_unsupervised(method) and not semantic
     samples = (_centre_crop(x) for x in load_split_samples(data_dir, split))
@@ -43,6 +46,14 @@ def evaluate_pipeline(
             raise ValueError(f"limit must be ≥ 1, got {limit}")
         samples = itertools.islice(samples, limit)
     call = {} if unsupervised else {"class_names": names}
+    trained_without = getattr(pipe, "unseen_classes", None)
+    if trained_without is not None and sorted(trained_without) != sorted(meta.get("unseen", [])):
+        logger.warning(
+            "the checkpoint was trained without %s but the dataset's meta.json lists %s as unseen: "
+            "seen/unseen/hIoU follow the dataset",
+            sorted(trained_without),
+            sorted(meta.get("unseen", [])),
+        )
 
     def predict(images):
         # predictions at the (cropped) label size: the method resizes internally as it needs

@@ -46,10 +46,12 @@ from diffuseg.methods.ddpm_seg import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AUGMENT_OPS",
     "EnsembleTrainConfig",
     "FeatureStore",
     "augment_labelled",
     "build_feature_store",
+    "config_fingerprint",
     "drop_small_classes",
     "fit_ddpm_seg",
     "prepare_label",
@@ -57,6 +59,7 @@ __all__ = [
     "train_ddpm_seg_folder",
     "train_ensemble",
     "train_pixel_classifier",
+    "warp_pair",
 ]
 
 STORE_META = "store.json"
@@ -127,7 +130,7 @@ class EnsembleTrainConfig:
         return cls(**values)
 
 
-def _fingerprint(obj: Any) -> str:
+def config_fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -178,32 +181,56 @@ def _colour_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.einsum("ij,jhw->ihw", m, x).clamp(0, 1) * 2.0 - 1.0
 
 
-def _geometric_grid(size: int, g: torch.Generator, p: float) -> torch.Tensor | None:
-    """Sampling grid ``(1, S, S, 2)`` of flip / resized crop / rotation / elastic; ``None`` if none drawn."""
+AUGMENT_OPS: tuple[str, ...] = ("colour", "grey", "flip", "crop", "rotate", "elastic", "dropout")
+"""The coursework's augmentations (colour jitter, greyscale, horizontal flip, random resized crop,
+rotation, elastic deformation, coarse dropout), applied in this order, each with probability ``p``."""
+
+
+def _draw(op: str, ops: Sequence[str], g: torch.Generator, p: float) -> bool:
+    """Whether ``op`` fires; the coin is always drawn so the random stream does not depend on ``ops``."""
+    return float(torch.rand((), generator=g)) < p and op in ops
+
+
+def _geometric_grid(size: int, g: torch.Generator, p: float, ops: Sequence[str]) -> torch.Tensor | None:
+    """Sampling grid ``(1, S, S, 2)`` of flip / resized crop / rotation / elastic; ``None`` if none fired."""
     lin = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
     yy, xx = torch.meshgrid(lin, lin, indexing="ij")
     grid = torch.stack([xx, yy], dim=-1)
     touched = False
-    if float(torch.rand((), generator=g)) < p:  # horizontal flip
+    if _draw("flip", ops, g, p):
         grid[..., 0] = -grid[..., 0]
         touched = True
-    if float(torch.rand((), generator=g)) < p:  # random resized crop: area 50–100%, aspect 3/4–4/3
+    if _draw("crop", ops, g, p):  # random resized crop: area 50–100%, aspect 3/4–4/3
         area, logr = _u(g, 0.5, 1.0), _u(g, math.log(3 / 4), math.log(4 / 3))
         w, h = min(1.0, math.sqrt(area * math.exp(logr))), min(1.0, math.sqrt(area / math.exp(logr)))
         cx, cy = _u(g, -(1 - w), 1 - w), _u(g, -(1 - h), 1 - h)
         grid = grid * torch.tensor([w, h]) + torch.tensor([cx, cy])
         touched = True
-    if float(torch.rand((), generator=g)) < p:  # rotation ±20°
+    if _draw("rotate", ops, g, p):  # ±20°
         a = math.radians(_u(g, -20.0, 20.0))
         rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
         grid = grid @ rot.T
         touched = True
-    if float(torch.rand((), generator=g)) < p:  # elastic: smooth random field, ~2 px amplitude
+    if _draw("elastic", ops, g, p):  # smooth random displacement field, ~2 px amplitude
         coarse = torch.randn(1, 2, 4, 4, generator=g) * (2.0 * 2 / size)
         field = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
         grid = grid + field[0].permute(1, 2, 0)
         touched = True
     return grid[None] if touched else None
+
+
+def warp_pair(
+    image: torch.Tensor, label: torch.Tensor, grid: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample an image (bilinear) and its label map (nearest) on the same grid.
+
+    Label pixels whose source lies outside the image become ``ignore_index``.
+    """
+    x = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    lab_valid = torch.stack([label.float(), torch.ones_like(label, dtype=torch.float32)])[None]
+    warped = F.grid_sample(lab_valid, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
+    y = torch.where(warped[1] > 0.5, warped[0].round().long(), torch.full_like(label, ignore_index))
+    return x, y
 
 
 def augment_labelled(
@@ -212,32 +239,34 @@ def augment_labelled(
     generator: torch.Generator,
     p: float = 0.4,
     ignore_index: int = IGNORE_INDEX,
+    ops: Sequence[str] = AUGMENT_OPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One random augmentation of a labelled image (the coursework's set, each op with probability ``p``).
 
     ``image``: ``(3, S, S)`` in [-1, 1]; ``label``: ``(S, S)`` int64. Geometric ops move the label
     with the image (nearest neighbour); pixels that come from outside the image and coarse-dropout
-    rectangles become ``ignore_index`` — they carry no label to learn from.
+    rectangles become ``ignore_index`` — they carry no label to learn from. ``ops`` restricts the
+    set (names from :data:`AUGMENT_OPS`).
     """
     if image.ndim != 3 or label.shape != image.shape[1:]:
         raise ValueError(
             f"augment_labelled: image (3, S, S) and label (S, S), "
             f"got {tuple(image.shape)}, {tuple(label.shape)}"
         )
+    unknown = sorted(set(ops) - set(AUGMENT_OPS))
+    if unknown:
+        raise ValueError(f"unknown augmentations {unknown}; choose from {AUGMENT_OPS}")
     x, y = image.float().clone(), label.clone()
     size = x.shape[-1]
-    if float(torch.rand((), generator=generator)) < p:
+    if _draw("colour", ops, generator, p):
         x = _colour_jitter(x, generator)
-    if float(torch.rand((), generator=generator)) < p:
+    if _draw("grey", ops, generator, p):
         grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
         x = grey.expand(3, -1, -1).clone()
-    grid = _geometric_grid(size, generator, p)
+    grid = _geometric_grid(size, generator, p, ops)
     if grid is not None:
-        x = F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        lab_valid = torch.stack([y.float(), torch.ones_like(y, dtype=torch.float32)])[None]
-        warped = F.grid_sample(lab_valid, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
-        y = torch.where(warped[1] > 0.5, warped[0].round().long(), torch.full_like(y, ignore_index))
-    if float(torch.rand((), generator=generator)) < p:  # coarse dropout: 1–3 holes of 1/8–1/4 side
+        x, y = warp_pair(x, y, grid, ignore_index)
+    if _draw("dropout", ops, generator, p):  # coarse dropout: 1–3 holes of 1/8–1/4 of the side
         for _ in range(int(torch.randint(1, 4, (), generator=generator))):
             hh, ww = (int(torch.randint(size // 8, size // 4 + 1, (), generator=generator)) for _ in range(2))
             top = int(torch.randint(0, size - hh + 1, (), generator=generator))
@@ -374,10 +403,12 @@ class FeatureStore:
         return x, y
 
 
-def _as_source(features: FeatureConfig | FeatureSource) -> tuple[FeatureSource, FeatureConfig | None]:
+def _as_source(
+    features: FeatureConfig | FeatureSource, config: FeatureConfig | None
+) -> tuple[FeatureSource, FeatureConfig | None]:
     if isinstance(features, FeatureConfig):
         return build_feature_source(features), features
-    return features, None
+    return features, config
 
 
 def _preprocess(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
@@ -547,7 +578,7 @@ def train_ensemble(
     from tqdm.auto import tqdm
 
     ensemble = PixelEnsemble(store.channels, num_classes, cfg.num_models, cfg.dropout)
-    tag = _fingerprint({"cfg": asdict(cfg), "store": store.fingerprint, "classes": num_classes})
+    tag = config_fingerprint({"cfg": asdict(cfg), "store": store.fingerprint, "classes": num_classes})
     stats: list[dict[str, Any]] = []
     for i in tqdm(range(cfg.num_models), desc="ensemble", disable=not progress):
         path = Path(work_dir) / f"mlp_{tag}_{i}.safetensors" if work_dir is not None else None
@@ -584,13 +615,16 @@ def fit_ddpm_seg(
     palette: Sequence[Sequence[int]] | None = None,
     provenance: dict[str, Any] | None = None,
     progress: bool = True,
+    feature_config: FeatureConfig | None = None,
 ) -> DDPMSegPipeline:
     """Features of the labelled images → store → ensemble → a ready :class:`DDPMSegPipeline`.
 
-    ``work_dir`` holds the feature store and finished MLPs (a rerun resumes); ``None`` keeps them in RAM.
+    ``features``: a :class:`FeatureConfig`, or an already built source (then pass its
+    ``feature_config`` too so the pipeline can be saved and the store reused). ``work_dir`` holds the
+    feature store and finished MLPs (a rerun resumes); ``None`` keeps them in RAM.
     """
     cfg = cfg or EnsembleTrainConfig()
-    source, feat_cfg = _as_source(features)
+    source, feat_cfg = _as_source(features, feature_config)
     if len(images) != len(labels) or not len(images):
         raise ValueError(
             f"need the same non-zero number of images and labels, got {len(images)} and {len(labels)}"
@@ -598,7 +632,7 @@ def fit_ddpm_seg(
     names = list(class_names)
     fp = ""
     if feat_cfg is not None:
-        fp = _fingerprint(
+        fp = config_fingerprint(
             {
                 "features": feat_cfg.to_dict(),
                 "images": [_digest(a) for a in images],
@@ -665,9 +699,16 @@ def train_ddpm_seg_folder(
     seed: int = 0,
     work_dir: str | os.PathLike | None = None,
     embed_backbone: bool = False,
+    tta: bool = False,
+    evaluate_split: str | None = None,
     progress: bool = True,
 ) -> DDPMSegPipeline:
-    """``diffuseg train ddpm-seg``: pick labelled scenes, train, save the pipeline to ``out``."""
+    """``diffuseg train ddpm-seg``: pick labelled scenes, train, save the pipeline to ``out``.
+
+    ``tta`` stores test-time augmentation as the checkpoint's default. ``evaluate_split`` (e.g.
+    ``"val"``) scores the result on that split of ``data_dir`` and writes ``OUT/eval_<split>.json``
+    and the numbers into the model card (needs ``ddpm-seg`` in the methods registry).
+    """
     from diffuseg.eval.runner import load_meta
 
     meta = load_meta(data_dir)
@@ -687,5 +728,14 @@ def train_ddpm_seg_folder(
         prov,
         progress,
     )
+    pipe.tta = tta
     pipe.save_pretrained(out, embed_backbone=embed_backbone)
+    if evaluate_split:
+        from diffuseg.methods.evaluate import evaluate_pipeline
+
+        report = evaluate_pipeline(
+            pipe, "ddpm-seg", data_dir, evaluate_split, json_out=Path(out) / f"eval_{evaluate_split}.json",
+            progress=progress,
+        )  # fmt: skip
+        pipe.save_pretrained(out, evaluation=report)
     return pipe

@@ -1,0 +1,246 @@
+"""ESDA on FashionScenes, episodic protocol: per fold and mean, against a ClsCLIP-like baseline and ablations.
+
+For every fold (the fold's two classes are novel: never trained on) and every variant, one model is
+trained with ``configs/esda.yaml`` (the same recipe and step budget for all variants) and evaluated
+on the fold's test episodes (1000 per fold, seed 456; binary mask of the named novel class):
+
+* **esda** — adapters + text injection + interactor + spatial distribution losses;
+* **clsclip** — ClsCLIP-like baseline: the same frozen encoder, a text-projected similarity map and
+  the conv head; nothing inside the encoder, no interactor, main loss only;
+* **no-adapters**, **no-interactor**, **no-distribution-losses** — ESDA minus one part.
+
+Scores: mIoU over the fold's novel classes and FB-IoU (ESDA/PFENet protocol), in percent. Runs are
+resumable: a variant whose ``final/`` model exists is only re-evaluated. CPU cost per training step
+(batch 16, one thread, free core): ESDA 1.06 s, − adapters 0.93 s, − distribution losses 0.89 s,
+− interactor 0.46 s, ClsCLIP-like 0.18 s — about 60 min per fold at 1000 steps, 5 h for all folds::
+
+    python benchmarks/esda_fashion.py --data /work/data/fashion_scenes --steps 1000 --runs-dir runs/esda-bench
+
+Smoke test (minutes): ``--tiny`` trains a few steps per variant on a small generated set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_MD, markdown_table, provenance, write_results_section  # noqa: E402
+from diffuseg.data.episodes import FASHION_SCENES_FOLDS, evaluate_episodes  # noqa: E402
+from diffuseg.io import write_json  # noqa: E402
+from diffuseg.train import load_yaml_config  # noqa: E402
+
+logger = logging.getLogger("esda_fashion")
+
+SECTION_ID = "esda-fashion"
+SECTION_TITLE = "## ESDA: episodic zero-shot segmentation on FashionScenes"
+VARIANT_ORDER = ("esda", "clsclip", "no-adapters", "no-interactor", "no-distribution-losses")
+VARIANT_LABELS = {
+    "esda": "ESDA",
+    "clsclip": "ClsCLIP-like baseline",
+    "no-adapters": "ESDA − adapters",
+    "no-interactor": "ESDA − interactor",
+    "no-distribution-losses": "ESDA − distribution losses",
+}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def prepare_data(args: argparse.Namespace) -> Path:
+    """``--data`` as given, or a small FashionScenes set generated into the cache (``--tiny``)."""
+    if args.data is not None:
+        return Path(args.data)
+    from diffuseg.data.fashion_scenes import generate_fashion_scenes
+
+    cache = Path(args.cache_dir) / f"fashion-scenes-t{args.num_train}-v{args.num_val}-s{args.seed}"
+    if not (cache / "meta.json").is_file():
+        generate_fashion_scenes(cache, args.num_train, args.num_val, seed=args.seed, progress=False)
+    return cache
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe shared by every variant: the config file plus the benchmark's overrides."""
+    overrides = [
+        f"data.negative_prob={args.negative_prob}",
+        f"data.num_val_episodes={args.val_episodes}",
+        "train.eval_every=null",
+    ]
+    if args.steps is not None:
+        overrides += [
+            f"train.max_steps={args.steps}",
+            f"train.warmup_steps={min(200, max(1, args.steps // 10))}",
+        ]
+    if args.tiny:
+        overrides += ["train.batch_size=8", "train.checkpoint_every=1000", "train.log_every=5"]
+    overrides += list(args.set or [])
+    return load_yaml_config(args.config, overrides)
+
+
+def train_and_evaluate(
+    args: argparse.Namespace, data_dir: Path, fold: int, variant: str, config: dict, text_encoder
+) -> dict[str, Any]:
+    """Train (or resume) one variant on one fold, then score its exported model on the fold's episodes."""
+    from diffuseg.methods.esda import ESDAModel, ESDAPipeline
+    from diffuseg.train.esda import train_esda
+
+    run = Path(args.runs_dir) / f"fold{fold}" / variant
+    report_path = run / "episodes.json"
+    if report_path.is_file() and (run / "final" / "config.json").is_file() and not args.reevaluate:
+        return json.loads(report_path.read_text())
+    started = time.perf_counter()
+    if not (run / "final" / "config.json").is_file():
+        result = train_esda(
+            data_dir,
+            run,
+            config,
+            fold=fold,
+            variant=variant,
+            progress=args.progress,
+            text_encoder=text_encoder,
+        )
+        if not result.finished:
+            raise RuntimeError(f"{run}: training stopped at step {result.step}; rerun to resume")
+    train_s = time.perf_counter() - started
+    pipe = ESDAPipeline(ESDAModel.from_pretrained(run / "final"), text_encoder)
+
+    def predict(images, names):
+        return pipe(images, class_names=names, mode="binary").labels
+
+    report = evaluate_episodes(
+        predict,
+        data_dir,
+        "val",
+        fold,
+        num_episodes=args.episodes,
+        batch_size=32,
+        progress=args.progress,
+        method=f"esda:{variant}",
+        protocol={"variant": variant, "steps": config["train"]["max_steps"]},
+    )
+    report["train_seconds"] = train_s
+    write_json(report_path, report)
+    return report
+
+
+def render(args: argparse.Namespace, data_dir: Path, results: dict, config: dict, elapsed: float) -> str:
+    """Markdown: one mIoU row per variant (per fold and mean), then FB-IoU means."""
+    folds = sorted({f for per in results.values() for f in per})
+    rows, fb_rows = [], []
+    for variant in [v for v in VARIANT_ORDER if v in results]:
+        per = results[variant]
+        miou = [per[f]["metrics"]["mIoU"] for f in folds if f in per]
+        fb = [per[f]["metrics"]["FB-IoU"] for f in folds if f in per]
+        rows.append(
+            [
+                VARIANT_LABELS[variant],
+                *(f"{per[f]['metrics']['mIoU']:.1f}" if f in per else "-" for f in folds),
+            ]
+            + [f"{np.mean(miou):.1f}"]
+        )
+        fb_rows.append(
+            [
+                VARIANT_LABELS[variant],
+                f"{np.mean(fb):.1f}",
+                f"{np.mean([per[f]['train_seconds'] for f in per]) / 60:.0f}",
+            ]
+        )
+    fold_names = [f"fold {f} ({', '.join(FASHION_SCENES_FOLDS[f])})" for f in folds]
+    m, t = config["model"], config["train"]
+    return "\n".join(
+        [
+            SECTION_TITLE,
+            "",
+            provenance(threads=1),
+            f"- data: `{data_dir}`; episodes: {args.episodes} per fold on val, seed 456, binary mask of a "
+            "named novel class (images need ≥ 45 px of a novel class; ESDA's 2·32·32 px scaled to 64² px)",
+            f"- model: frozen `{m['encoder']}` + `{m['text_encoder']}` text, {m['image_size']}-px input, "
+            f"width {m['dim']}; every variant trains {t['max_steps']} steps of batch {t['batch_size']} "
+            f"(AdamW, lr {t['lr']}, {t['lr_schedule']}), negative_prob {config['data']['negative_prob']}",
+            f"- total run time: {elapsed / 60:.0f} min",
+            "",
+            "**mIoU over the fold's novel classes** (percent; mean over folds last):",
+            "",
+            markdown_table(["variant", *fold_names, "mean"], rows),
+            "",
+            "**FB-IoU** (mean over folds) and training time per model:",
+            "",
+            markdown_table(["variant", "FB-IoU", "train min/model"], fb_rows),
+            "",
+            "Reference (paper, PASCAL-5i mIoU): ESDA 58.9 vs ClsCLIP 56.4; COCO-20i 37.1 vs 37.0.",
+        ]
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="FashionScenes folder (default: generate a small one)")
+    p.add_argument("--cache-dir", default="data", help="where to generate data when --data is not given")
+    p.add_argument("--num-train", type=int, default=400, help="generated train scenes (no --data)")
+    p.add_argument("--num-val", type=int, default=100, help="generated val scenes (no --data)")
+    p.add_argument("--seed", type=int, default=0, help="generation seed (no --data)")
+    p.add_argument("--config", default=str(REPO / "configs" / "esda.yaml"))
+    p.add_argument("--folds", default="0,1,2,3,4")
+    p.add_argument("--variants", default=",".join(VARIANT_ORDER))
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: config's)")
+    p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--val-episodes", type=int, default=0, help="episodes for in-training evaluation")
+    p.add_argument("--negative-prob", type=float, default=0.0, help="ESDA's episodic training: 0")
+    p.add_argument("--set", action="append", help="extra config override, dotted (repeatable)")
+    p.add_argument("--runs-dir", default="runs/esda-bench")
+    p.add_argument("--tiny", action="store_true", help="smoke test: small generated data, few steps")
+    p.add_argument("--reevaluate", action="store_true", help="score existing models again")
+    p.add_argument("--out", default=str(RESULTS_MD), help="markdown file whose section is replaced")
+    p.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.progress = not args.no_progress
+    if args.tiny:
+        args.steps = args.steps or 10
+        args.episodes = min(args.episodes, 40)
+        args.no_write = True
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(1)
+    from diffuseg.text import get_text_encoder
+
+    folds = [int(f) for f in args.folds.split(",") if f.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANT_ORDER]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANT_ORDER)}")
+    t0 = time.perf_counter()
+    data_dir = prepare_data(args)
+    config = run_config(args)
+    text_encoder = get_text_encoder(config["model"].get("text_encoder", "minilm"))
+    results: dict[str, dict[int, dict]] = {}
+    for fold in folds:
+        for variant in variants:
+            report = train_and_evaluate(args, data_dir, fold, variant, config, text_encoder)
+            results.setdefault(variant, {})[fold] = report
+            logger.info(
+                "fold %d %-24s mIoU %.1f  FB-IoU %.1f",
+                fold,
+                variant,
+                report["metrics"]["mIoU"],
+                report["metrics"]["FB-IoU"],
+            )
+    body = render(args, data_dir, results, config, time.perf_counter() - t0)
+    if args.no_write:
+        sys.stdout.write(body + "\n")
+    else:
+        logger.info("wrote %s", write_results_section(SECTION_ID, body, args.out))
+
+
+if __name__ == "__main__":
+    main()
