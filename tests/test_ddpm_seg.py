@@ -36,6 +36,7 @@ from diffuseg.train.ddpm_seg import (
     drop_small_classes,
     fit_ddpm_seg,
     train_ensemble,
+    train_ensemble_lockstep,
     train_pixel_classifier,
 )
 
@@ -169,6 +170,23 @@ def test_early_stopping_rule_and_cap(scenes):
     assert st["epochs"] == 3 and 2 * per_epoch < st["iterations"] < 3 * per_epoch
     _, st = train_pixel_classifier(store, 3, EnsembleTrainConfig(num_models=1, max_iterations=7))
     assert st["iterations"] == 7
+
+
+def test_lockstep_members_equal_sequential_training(scenes):
+    """Stacked training reproduces each member's own trajectory (same init, data order, stopping rule)."""
+    images, labels = scenes
+    store = build_feature_store(RGBXYFeatures(32), images, labels, progress=False)
+    cfg = EnsembleTrainConfig(num_models=3, max_iterations=40)
+    states, stats = train_ensemble_lockstep(store, 3, cfg)
+    for i, state in enumerate(states):
+        alone = train_pixel_classifier(store, 3, cfg, index=i)[0].state_dict()
+        for k, v in alone.items():
+            assert torch.allclose(state[k].float(), v.float(), atol=1e-4), k
+    assert [s["iterations"] for s in stats] == [40, 40, 40]
+    _, stats = train_ensemble_lockstep(
+        store, 3, EnsembleTrainConfig(num_models=3, stop_after_epoch=1, patience=0)
+    )
+    assert all(s["epochs"] == 3 for s in stats)
 
 
 def test_ensemble_resumes_from_work_dir(tmp_path, scenes):

@@ -43,7 +43,7 @@ from diffuseg.methods.esda import (
     cosine_prior,
     esda_loss,
 )
-from diffuseg.train.esda import augment, choose_targets, train_esda
+from diffuseg.train.esda import augment, choose_targets, train_esda, write_model_card
 
 torch.set_num_threads(1)
 
@@ -251,6 +251,33 @@ def test_real_vit_b16_shape_with_esda_blocks():
     assert model.text_proj.weight.shape == (768, 512)  # text CLS -> ViT width, replaces the image CLS
     assert out.logits.shape == (2, 2, 224, 224) and out.text_prior.shape == (2, 1, 14, 14)
     assert len(out.stage_priors) == 11  # layers 0..10 against the GT prototype; layer 11 is the text prior
+
+
+def test_vit_esda_step_with_cls_replacement(tmp_path):
+    """On a CLIP ViT: rank-2 token adapters, the text replaces the CLS at layers 2-4, priors per layer."""
+    from transformers import CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(clip_vit_config("tiny")).save_pretrained(tmp_path)
+    model = ESDAModel(
+        encoder=f"clip-vit:{tmp_path}", text_dim=16, text_token_dim=16, dim=None, heads=2, head_width=8,
+        adapter_rank=2, image_size=32,
+    ).train()  # fmt: skip
+    assert model.config.encoder == f"clip-vit:{tmp_path}" and model.films is None
+    seen = []
+    t = model.text_proj(random_text(2).cls)
+    pre, _ = model._hooks(t)
+    for i in range(6):
+        x = torch.zeros(2, 5, 32)
+        seen.append(bool(torch.equal(pre(i, x)[:, 0], t)))
+    assert seen == [False, False, True, True, True, False]
+    target = torch.zeros(2, 32, 32, dtype=torch.long)
+    target[:, 4:20, 8:24] = 1
+    out = model(model.preprocess(torch.rand(2, 3, 32, 32)), random_text(2), target)
+    assert out.text_prior.shape == (2, 1, 4, 4) and len(out.stage_priors) == 5
+    esda_loss(out, target)[0].backward()
+    assert all(a.p2.grad.abs().sum() > 0 for a in model.adapters.values())
+    assert model.text_proj.weight.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------- the model
@@ -555,7 +582,7 @@ def test_augment_moves_image_and_target_together():
     assert torch.equal(again[1], aug_t)
 
 
-def test_train_export_segment_and_evaluate_episodes(fashion_dir, text_dir, tmp_path):
+def test_train_export_segment_and_evaluate_episodes(fashion_dir, text_dir, tmp_path, monkeypatch):
     """A 3-step training run on the shared loop exports a folder the pipeline and the CLI load."""
     from typer.testing import CliRunner
 
@@ -593,6 +620,15 @@ def test_train_export_segment_and_evaluate_episodes(fashion_dir, text_dir, tmp_p
     pipe = ESDAPipeline.from_pretrained(result.export_dir)
     out = pipe(np.zeros((32, 32, 3), np.uint8), class_names=["background", "coat", "sandal"])
     assert out.labels.shape == (1, 32, 32) and out.labels.max() <= 2
+    # the semantic protocol through the shared evaluator (as `diffuseg evaluate --method esda`)
+    from diffuseg.methods import METHODS
+    from diffuseg.methods.evaluate import evaluate_pipeline
+
+    monkeypatch.setitem(METHODS, "esda", ("diffuseg.methods.esda", "ESDAPipeline", False))
+    sem = evaluate_pipeline(pipe, "esda", fashion_dir, progress=False)
+    assert sem["num_images"] == 3 and {"mIoU_seen", "mIoU_unseen", "hIoU"} <= set(sem["metrics"])
+    card = write_model_card(result.export_dir, "pytest", run_dir=tmp_path / "run", semantic_report=sem)
+    assert "never trained on: coat, sandal" in card.read_text() and "3 steps" in card.read_text()
     res = CliRunner().invoke(
         app,
         [

@@ -87,7 +87,7 @@ def train_esda_command(
     _setup_logging(quiet)
     _set_threads(threads)
     from diffuseg.train import load_yaml_config
-    from diffuseg.train.esda import train_esda
+    from diffuseg.train.esda import train_esda, write_model_card
 
     if not config.is_file():
         _fail(f"{config}: no such config file (see configs/esda.yaml)")
@@ -98,6 +98,11 @@ def train_esda_command(
         )
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
+    if result.export_dir is not None:
+        import shlex
+        import sys
+
+        write_model_card(result.export_dir, shlex.join(["diffuseg", *sys.argv[1:]]), run_dir=out)
     typer.echo(
         f"step {result.step}, finished={result.finished}, last loss {result.last_loss}"
         + (f", model in {result.export_dir}" if result.export_dir else "")

@@ -142,13 +142,31 @@ class LabelIndex:
 def scan_labels(
     data_dir: str | os.PathLike, split: str, class_names: Sequence[str], progress: bool = False
 ) -> LabelIndex:
-    """Read every label map of ``split`` once and count pixels per class (ignore pixels dropped)."""
+    """Read every label map of ``split`` once and count pixels per class (ignore pixels dropped).
+
+    Results are memoised per process (keyed by folder, split, classes and the label folder's
+    modification time), because a benchmark builds the same index for every fold and variant.
+    """
     ann = Path(data_dir) / "ann_dir" / split
-    files = sorted(ann.glob("*.png"))
-    if not files:
+    if not ann.is_dir():
         raise FileNotFoundError(
             f"{ann}: no label maps; is {data_dir} a dataset folder with a {split!r} split?"
         )
+    key = (str(ann.resolve()), tuple(class_names), ann.stat().st_mtime_ns)
+    if key not in _INDEX_CACHE:
+        if len(_INDEX_CACHE) >= 8:
+            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+        _INDEX_CACHE[key] = _scan(ann, split, list(class_names), progress)
+    return _INDEX_CACHE[key]
+
+
+_INDEX_CACHE: dict[tuple, LabelIndex] = {}
+
+
+def _scan(ann: Path, split: str, class_names: list[str], progress: bool) -> LabelIndex:
+    files = sorted(ann.glob("*.png"))
+    if not files:
+        raise FileNotFoundError(f"{ann}: no label maps (*.png)")
     k = len(class_names)
     counts = np.zeros((len(files), k), dtype=np.int64)
     for i, f in enumerate(tqdm(files, desc=f"scan {split} labels", disable=not progress, leave=False)):
@@ -157,7 +175,7 @@ def scan_labels(
         if valid.size and (valid.min() < 0 or valid.max() >= k):
             raise ValueError(f"{f}: label ids {np.unique(valid)[-3:]} outside 0..{k - 1} (meta.json classes)")
         counts[i] = np.bincount(valid.ravel(), minlength=k)[:k]
-    return LabelIndex([f.stem for f in files], counts, list(class_names))
+    return LabelIndex([f.stem for f in files], counts, class_names)
 
 
 # ---------------------------------------------------------------------------------------- episodes

@@ -15,6 +15,7 @@ METHODS: dict[str, tuple[str, str, bool]] = {
     # name: (module, class, unsupervised)
     "diffseg": ("diffuseg.methods.diffseg_pipeline", "DiffSegPipeline", True),
     "seg-diffusion": ("diffuseg.methods.seg_diffusion", "SegDiffusionPipeline", False),
+    "esda": ("diffuseg.methods.esda", "ESDAPipeline", False),
 }
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from diffuseg.io import atomic_write
 from diffuseg.methods.ddpm_seg import (
@@ -55,9 +56,11 @@ __all__ = [
     "drop_small_classes",
     "fit_ddpm_seg",
     "prepare_label",
+    "StackedMLPs",
     "select_labelled",
     "train_ddpm_seg_folder",
     "train_ensemble",
+    "train_ensemble_lockstep",
     "train_pixel_classifier",
     "warp_pair",
 ]
@@ -75,6 +78,8 @@ class EnsembleTrainConfig:
     random resized crop, rotation, elastic, coarse dropout; each with probability ``augment_p``).
     ``optimizer="adamw"`` + ``weight_decay=1e-4`` + ``dropout=0.4``: the coursework's regulariser.
     ``max_iterations`` caps the iterations per model (``None``: the original's stopping rule only).
+    ``lockstep`` trains the members together as one stacked module (same per-member recipe, several
+    times faster on a CPU); ``False`` trains them one after the other, saving each as it finishes.
     """
 
     num_models: int = 10
@@ -91,6 +96,7 @@ class EnsembleTrainConfig:
     augment_copies: int = 4
     augment_p: float = 0.4
     max_iterations: int | None = None
+    lockstep: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -566,6 +572,143 @@ def train_pixel_classifier(
     return model.eval(), stats
 
 
+class StackedMLPs(nn.Module):
+    """``M`` pixel MLPs run as one module on ``M`` different batches: ``(M, B, C) → (M, B, K)``.
+
+    Linear layers become batched matrix products and each member's BatchNorm is a slice of one wider
+    BatchNorm1d (BatchNorm is per channel, and a member's channels only ever see its own batch), so
+    every member computes exactly what it would alone. Adam/AdamW are elementwise, so one optimizer
+    over the stacked tensors equals one optimizer per member. This removes the per-model Python and
+    dispatch overhead that dominates 64-pixel batches on a CPU.
+    """
+
+    def __init__(self, members: Sequence[PixelMLP]) -> None:
+        super().__init__()
+        lins = [[m for m in mlp.layers if isinstance(m, nn.Linear)] for mlp in members]
+        bns = [[m for m in mlp.layers if isinstance(m, nn.BatchNorm1d)] for mlp in members]
+        self.num, self.dropout = len(members), _dropout_of(members[0])
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.stack([lin[j].weight.detach().t() for lin in lins])) for j in range(3)
+        )
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.stack([lin[j].bias.detach()[None] for lin in lins])) for j in range(3)
+        )
+        self.norms = nn.ModuleList()
+        for j in range(2):
+            bn = nn.BatchNorm1d(self.num * bns[0][j].num_features)
+            with torch.no_grad():
+                bn.weight.copy_(torch.cat([b[j].weight for b in bns]))
+                bn.bias.copy_(torch.cat([b[j].bias for b in bns]))
+            self.norms.append(bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, b, _ = x.shape
+        h = x
+        for j in range(2):
+            h = torch.baddbmm(self.biases[j], h, self.weights[j]).relu()
+            if self.dropout > 0:
+                h = F.dropout(h, self.dropout, self.training)
+            h = self.norms[j](h.transpose(0, 1).reshape(b, -1)).view(b, m, -1).transpose(0, 1)
+        return torch.baddbmm(self.biases[2], h, self.weights[2])
+
+    @torch.no_grad()
+    def member_state(self, i: int, template: PixelMLP) -> dict[str, torch.Tensor]:
+        """The state dict of member ``i`` as a stand-alone :class:`PixelMLP` (``template`` gives the keys)."""
+        lins = [m for m in template.layers if isinstance(m, nn.Linear)]
+        bns = [m for m in template.layers if isinstance(m, nn.BatchNorm1d)]
+        for j, lin in enumerate(lins):
+            lin.weight.copy_(self.weights[j][i].t())
+            lin.bias.copy_(self.biases[j][i, 0])
+        for j, bn in enumerate(bns):
+            n = bn.num_features
+            src = self.norms[j]
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, name).copy_(getattr(src, name)[i * n : (i + 1) * n])
+            bn.num_batches_tracked.copy_(src.num_batches_tracked)
+        return {k: v.detach().clone() for k, v in template.state_dict().items()}
+
+
+def _dropout_of(mlp: PixelMLP) -> float:
+    drops = [m.p for m in mlp.layers if isinstance(m, nn.Dropout)]
+    return float(drops[0]) if drops else 0.0
+
+
+def train_ensemble_lockstep(
+    store: FeatureStore,
+    num_classes: int,
+    cfg: EnsembleTrainConfig,
+    progress: bool = False,
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, Any]]]:
+    """Train all members at once (:class:`StackedMLPs`), each with its own init, data order and stopping.
+
+    Member ``i`` gets the same seed, initialisation and pixel order as :func:`train_pixel_classifier`
+    with ``index=i``; its weights are snapshotted at the iteration its own stopping rule fires (the
+    stacked copy keeps moving, unused). Only dropout masks are drawn differently.
+    Returns the members' state dicts and stats.
+    """
+    from tqdm.auto import tqdm
+
+    valid = store.valid_pixels()
+    if valid.size < 2:
+        raise ValueError("the feature store has fewer than 2 labelled pixels: nothing to train on")
+    m = cfg.num_models
+    gens = [torch.Generator().manual_seed(_model_seed(cfg.seed, i)) for i in range(m)]
+    members = [PixelMLP(store.channels, num_classes, cfg.dropout).init_weights(g) for g in gens]
+    template = PixelMLP(store.channels, num_classes, cfg.dropout)
+    states: list[dict[str, torch.Tensor] | None] = [None] * m
+    stats: list[dict[str, Any]] = [{} for _ in range(m)]
+    best, bad = [math.inf] * m, [0] * m
+    t0, it = time.perf_counter(), 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_model_seed(cfg.seed, 10_000))  # dropout masks
+        net = StackedMLPs(members).train()
+        opt = _optimizer(net, cfg)
+        bar = tqdm(desc="ensemble (lockstep)", disable=not progress, unit="it", leave=False)
+        for epoch in range(cfg.max_epochs):
+            orders = [valid[torch.randperm(valid.size, generator=g).numpy()] for g in gens]
+            for b in range(0, valid.size, cfg.batch_size):
+                sel = [o[b : b + cfg.batch_size] for o in orders]
+                if sel[0].size < 2:  # a 1-pixel last batch would break BatchNorm (the original crashes)
+                    continue
+                x, y = store.batch(np.concatenate(sel))
+                if int(y.max()) >= num_classes:
+                    raise ValueError(
+                        f"label {int(y.max())} ≥ num_classes={num_classes}: check the dataset's classes"
+                    )
+                logits = net(x.view(m, sel[0].size, -1))
+                losses = F.cross_entropy(logits.flatten(0, 1), y, reduction="none").view(m, -1).mean(1)
+                opt.zero_grad(set_to_none=True)
+                losses.sum().backward()
+                opt.step()
+                it += 1
+                bar.update(1)
+                values = losses.detach().tolist()
+                for i in range(m):
+                    if states[i] is not None:
+                        continue
+                    stop = False
+                    if epoch > cfg.stop_after_epoch:
+                        best[i], bad[i] = (values[i], 0) if values[i] < best[i] else (best[i], bad[i] + 1)
+                        stop = bad[i] > cfg.patience
+                    if stop or (cfg.max_iterations is not None and it >= cfg.max_iterations):
+                        states[i] = net.member_state(i, template)
+                        stats[i] = {"iterations": it, "epochs": epoch + 1, "last_loss": values[i]}
+                if all(s is not None for s in states):
+                    break
+            if all(s is not None for s in states):
+                break
+        bar.close()
+    for i in range(m):  # members whose rule never fired within max_epochs
+        if states[i] is None:
+            states[i] = net.member_state(i, template)
+            stats[i] = {"iterations": it, "epochs": cfg.max_epochs, "last_loss": values[i]}
+    seconds = time.perf_counter() - t0
+    for st in stats:
+        st["seconds"] = seconds
+        st["lockstep"] = True
+    return [s for s in states if s is not None], stats
+
+
 def train_ensemble(
     store: FeatureStore,
     num_classes: int,
@@ -573,15 +716,34 @@ def train_ensemble(
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> tuple[PixelEnsemble, list[dict[str, Any]]]:
-    """Train ``cfg.num_models`` MLPs; with ``work_dir`` each finished model is saved and reused on rerun."""
-    from safetensors.torch import load_file, save_file
+    """Train ``cfg.num_models`` MLPs; with ``work_dir`` finished models are saved and reused on rerun.
+
+    Lockstep training saves the members together when all have stopped; sequential training saves
+    each member as it finishes.
+    """
+    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
     ensemble = PixelEnsemble(store.channels, num_classes, cfg.num_models, cfg.dropout)
     tag = config_fingerprint({"cfg": asdict(cfg), "store": store.fingerprint, "classes": num_classes})
     stats: list[dict[str, Any]] = []
+    paths = [
+        Path(work_dir) / f"mlp_{tag}_{i}.safetensors" if work_dir is not None else None
+        for i in range(cfg.num_models)
+    ]
+    reusable = store.fingerprint and all(p is not None and p.is_file() for p in paths)
+    if cfg.lockstep and not reusable:
+        states, stats = train_ensemble_lockstep(store, num_classes, cfg, progress)
+        for i, state in enumerate(states):
+            ensemble.models[i].load_state_dict(state)
+            if paths[i] is not None and store.fingerprint:
+                _save_state(state, paths[i])
+        logger.info(
+            "trained %d MLPs in lockstep: %s iterations", cfg.num_models, [s["iterations"] for s in stats]
+        )
+        return ensemble.eval(), stats
     for i in tqdm(range(cfg.num_models), desc="ensemble", disable=not progress):
-        path = Path(work_dir) / f"mlp_{tag}_{i}.safetensors" if work_dir is not None else None
+        path = paths[i]
         if path is not None and path.is_file() and store.fingerprint:
             ensemble.models[i].load_state_dict(load_file(str(path)))
             stats.append({"reused": True})
@@ -597,12 +759,18 @@ def train_ensemble(
             st["last_loss"],
             st["seconds"],
         )
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-            os.replace(tmp, path)
+        if path is not None and store.fingerprint:
+            _save_state(model.state_dict(), path)
     return ensemble.eval(), stats
+
+
+def _save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def fit_ddpm_seg(

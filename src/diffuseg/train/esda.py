@@ -47,7 +47,15 @@ from diffuseg.methods.esda import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ESDATask", "EpisodicTrainSet", "augment", "choose_targets", "train_esda"]
+__all__ = [
+    "ESDATask",
+    "EpisodicTrainSet",
+    "augment",
+    "choose_targets",
+    "resolve_novel",
+    "train_esda",
+    "write_model_card",
+]
 
 
 class EpisodicTrainSet(Dataset):
@@ -346,3 +354,86 @@ def train_esda(
     if max_minutes is not None:
         train_cfg["max_minutes"] = max_minutes
     return train(task, TrainConfig.from_dict(train_cfg))
+
+
+def write_model_card(
+    checkpoint: str | os.PathLike,
+    command: str,
+    run_dir: str | os.PathLike | None = None,
+    semantic_report: dict[str, Any] | None = None,
+    episodic_reports: Sequence[dict[str, Any]] = (),
+) -> Path:
+    """Write ``README.md`` beside an ESDA model folder: what it is, how it was trained, what it scores.
+
+    ``run_dir``'s ``log.jsonl`` gives steps, time and the last losses; the reports are the JSON of
+    ``diffuseg evaluate`` (semantic) and ``diffuseg evaluate-episodes`` (one per fold).
+    """
+    import json
+
+    from diffuseg.io import atomic_write
+    from diffuseg.train.model_card import read_log
+
+    root = Path(checkpoint)
+    cfg = json.loads((root / "config.json").read_text())
+    enc = cfg["encoder"] if isinstance(cfg["encoder"], str) else json.dumps(cfg["encoder"])
+    parts = [
+        n
+        for n, on in (
+            ("adapters", cfg["use_adapters"]),
+            ("text injection", cfg["inject_text"]),
+            ("interactor", cfg["use_interactor"]),
+        )
+        if on
+    ]
+    lines = [
+        "---",
+        "library_name: diffuseg",
+        "tags: [zero-shot-semantic-segmentation, esda]",
+        "---",
+        f"# ESDA ({cfg.get('variant', 'esda')})",
+        "",
+        "Zero-shot segmentation by class name with a frozen image encoder (`diffuseg.methods.esda`; "
+        "docs/methods.md, section ESDA). Load with `ESDAPipeline.from_pretrained(<this folder>)`.",
+        "",
+        "## Model",
+        f"- frozen image encoder `{enc}`, frozen text encoder `{cfg['text_encoder']}`; "
+        f"{cfg['image_size']}-px input, token width {cfg['dim']}",
+        f"- trained blocks: {', '.join(parts) or 'none inside the encoder'}, text projection, head; "
+        f"loss weights {cfg['loss_weights']}",
+        f"- classes: {', '.join(cfg.get('class_names') or [])}",
+        f"- never trained on: {', '.join(cfg.get('unseen_classes') or [])}",
+        "",
+        "## Training",
+        f"- command: `{command}`",
+    ]
+    train_rows = read_log(Path(run_dir), "train") if run_dir is not None else []
+    if train_rows:
+        last = train_rows[-1]
+        lines.append(
+            f"- {last['step']} steps, {last.get('samples', 0)} samples, {last.get('time', 0) / 3600:.2f} h; "
+            f"last loss {last['loss']:.4f} (main {last.get('loss_main', float('nan')):.4f})"
+        )
+    lines += ["", "## Results"]
+    if semantic_report:
+        m = semantic_report["metrics"]
+        keys = [k for k in ("mIoU_seen", "mIoU_unseen", "hIoU", "mIoU", "aAcc") if m.get(k) is not None]
+        lines += [
+            f"Semantic protocol, {semantic_report.get('dataset')} {semantic_report.get('split')} "
+            f"({semantic_report.get('num_images')} images):",
+            "",
+            "| " + " | ".join(keys) + " |",
+            "|" + "---|" * len(keys),
+            "| " + " | ".join(f"{m[k]:.1f}" for k in keys) + " |",
+            "",
+        ]
+    for rep in episodic_reports:
+        p, m = rep["protocol"], rep["metrics"]
+        lines.append(
+            f"- episodic, fold {p.get('fold')} ({', '.join(p['novel_classes'])}), {rep['num_episodes']} "
+            f"episodes, seed {p['seed']}: mIoU {m['mIoU']:.1f}, FB-IoU {m['FB-IoU']:.1f}"
+        )
+    if not semantic_report and not episodic_reports:
+        lines.append("Not evaluated yet.")
+    with atomic_write(root / "README.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return root / "README.md"
