@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
+from diffuseg.methods import diffseg as ds
 from diffuseg.methods.diffseg import (
     DiffSegInfo,
     aggregate_attention,
@@ -25,6 +26,7 @@ from diffuseg.methods.diffseg import (
     pairwise_symmetric_kl,
     proposals_to_labels,
     resolution_weights,
+    resolve_matmul_precision,
     segment_attention,
     symmetric_kl,
 )
@@ -326,6 +328,144 @@ def test_kmeans_baselines():
         kmeans_attention(agg, [3], seed=0)
 
 
+# ----------------------------------------------------------------------------- bf16 products
+
+
+def kl_operands(maps, queries=slice(None)):
+    """Anchor (left) and query (right) operands in both precisions, from the fast-mode rows."""
+    spec = ds._validate_maps(maps)
+    rows = ds._FastRows.build(maps, spec)
+    anchors = rows.rows(torch.from_numpy(ds._anchor_indices(spec.top, min(16, spec.top))))
+    found = rows.rows(queries)
+    return {
+        bf16: (
+            ds._KLOperand.of(anchors, left=True, bf16=bf16),
+            ds._KLOperand.of(found, left=False, bf16=bf16),
+        )
+        for bf16 in (False, True)
+    }, (anchors, found)
+
+
+def float64_kl(anchors, queries):
+    """Exact-ish symmetric KL of the float32 rows (float64 arithmetic, same log clamp)."""
+    a, q = anchors.double(), queries.double()
+    la, lq = a.clamp_min(ds.FAST_LOG_EPS).log(), q.clamp_min(ds.FAST_LOG_EPS).log()
+    entropy = (a * la).sum(-1)[..., :, None] + (q * lq).sum(-1)[..., None, :]
+    return 0.5 * (entropy - a @ lq.mT - la @ q.mT)
+
+
+def test_bf16_kl_error_is_within_its_bound(golden_maps):
+    operands, (anchors, queries) = kl_operands(golden_maps, slice(0, 1024))
+    kl, bound = ds._bf16_kl(*operands[True])
+    error = (kl.double() - float64_kl(anchors, queries)).abs()
+    rigorous = bound.double() / ds.KL_BOUND_SAFETY  # the derived bound, without the safety factor
+    assert bool((error <= rigorous).all())
+    assert error.max() > 1e-3  # bf16 alone is far from float32 accuracy: the bound is needed
+    assert float((rigorous / error.clamp_min(1e-30)).min()) < 10  # and it is not vacuous
+
+
+def near_thresholds(kl32, quantiles=(0.3, 0.5, 0.8), gap=1.5e-5):
+    """Thresholds inside dense parts of the KL distribution, each in a gap of the float32 KLs
+    wider than ``gap``, so that float32 rounding (~1e-6) cannot decide a pair either way."""
+    values = np.sort(kl32.flatten().numpy().astype(np.float64))
+    out = []
+    for q in quantiles:
+        i = int(q * len(values))
+        window = values[i : i + 20000]
+        widths = np.diff(window)
+        j = int(np.argmax(widths >= gap))
+        assert widths[j] >= gap
+        out.append(float((window[j] + window[j + 1]) / 2))
+    return out
+
+
+@pytest.mark.parametrize("source", ["golden", "small"])
+def test_bf16_decisions_equal_float32(golden_maps, source):
+    maps = golden_maps if source == "golden" else small_maps(sizes=(32, 16, 8), batch=2, seed=11, classes=4)
+    operands, (anchors, queries) = kl_operands(maps, slice(0, 1024))
+    left32, right32 = operands[False]
+    kl32 = 0.5 * (left32.entropy[..., :, None] + right32.entropy[..., None, :] - left32.cat @ right32.cat.mT)
+    exact = float64_kl(anchors, queries)
+    thresholds = [1.1, 0.5, *near_thresholds(kl32[0])]
+    chunk, flipped = ds.DEFAULT_CHUNK_SIZE, 0
+    for q0 in range(0, queries.shape[1], chunk):  # the chunks of segment_attention
+        part = queries[:, q0 : q0 + chunk]
+        right = {bf16: ds._KLOperand.of(part, left=False, bf16=bf16) for bf16 in (False, True)}
+        kl16, _ = ds._bf16_kl(operands[True][0], right[True])
+        for tau in thresholds:
+            limit = torch.full((queries.shape[0],), tau)
+            reference = ds._kl_below(left32, right[False], limit, bf16=False)
+            assert torch.equal(reference, exact[:, :, q0 : q0 + chunk] < tau)  # no float32 tie here
+            assert torch.equal(ds._kl_below(operands[True][0], right[True], limit, bf16=True), reference)
+            flipped += int(((kl16 < tau) != reference).sum())
+    assert flipped > 0  # bf16 values alone decide some pairs wrongly; the float32 recompute fixes them
+
+
+@pytest.mark.parametrize(("source", "threshold"), [("golden", 1.1), ("small", 0.3), ("small", 0.15)])
+def test_bf16_and_float32_give_the_same_segmentation(golden_maps, source, threshold):
+    maps = golden_maps if source == "golden" else small_maps(batch=2, seed=12)
+    kwargs = {
+        "kl_threshold": [threshold] * 3,
+        "num_points": 16 if source == "golden" else 8,
+        "return_info": True,
+    }
+    labels32, infos32 = segment_attention(maps, matmul_precision="float32", **kwargs)
+    labels16, infos16 = segment_attention(maps, matmul_precision="bfloat16", **kwargs)
+    np.testing.assert_array_equal(labels16, labels32)
+    for info16, info32 in zip(infos16, infos32, strict=True):
+        assert info16.proposal_counts == info32.proposal_counts
+        np.testing.assert_array_equal(info16.proposals, info32.proposals)
+
+
+def test_merge_proposals_precisions_agree():
+    rng = np.random.default_rng(13)
+    centres = rng.dirichlet(np.ones(64) * 0.5, size=4)
+    proposals = np.stack([rng.dirichlet(c * 200 + 0.01) for c in centres for _ in range(8)])
+    proposals = torch.from_numpy(proposals).float()
+    kl = pairwise_symmetric_kl(proposals, proposals)
+    threshold = float(kl.flatten().kthvalue(200).values) + 1e-4
+    merged = {p: merge_proposals(proposals, threshold, matmul_precision=p) for p in ("float32", "bfloat16")}
+    assert torch.equal(merged["float32"], merged["bfloat16"])
+
+
+def test_matmul_precision_resolution():
+    assert resolve_matmul_precision("float32") == torch.float32
+    assert resolve_matmul_precision("bfloat16") == torch.bfloat16
+    assert resolve_matmul_precision("auto") in (torch.float32, torch.bfloat16)
+    assert resolve_matmul_precision("auto", "meta") == torch.float32  # no fast bf16 known there
+    assert isinstance(ds._bf16_benchmark(size=32, repeats=1), bool)  # fallback when CPU flags are unknown
+    with pytest.raises(ValueError, match="matmul_precision"):
+        resolve_matmul_precision("float16")
+
+
+def test_matched_sums_over_distinct_rows_and_columns():
+    rng = np.random.default_rng(14)
+    rows = rng.random((6, 40)) < 0.4
+    mask = rows[rng.integers(0, 6, 50)]  # 50 anchors, 6 distinct rows, repeated columns
+    mask[:, 20:] = mask[:, :20]
+    mask[3, 7] ^= True
+    first, inverse = ds._distinct_rows(mask)
+    assert len(first) == len(np.unique(mask, axis=0)) and (mask[first][inverse] == mask).all()
+    hits = torch.from_numpy(np.stack([mask, ~mask]))  # the complement has as few distinct rows
+    queries = torch.rand(2, 40, 30)
+    sums = torch.zeros(2, 50, 30)
+    ds._add_matched_sums(sums, hits, queries)
+    np.testing.assert_allclose(sums.numpy(), (hits.double() @ queries.double()).numpy(), rtol=1e-6)
+    noisy = torch.from_numpy(rng.random((1, 50, 40)) < 0.5)  # nothing repeats: the plain product
+    dense = torch.zeros(1, 50, 30)
+    ds._add_matched_sums(dense, noisy, queries[:1])
+    np.testing.assert_allclose(dense.numpy(), (noisy.double() @ queries[:1].double()).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("side", [5, 8, 12])
+def test_key_upsampling_matches_interpolate(side):
+    maps = torch.rand(2, side * side, side * side)
+    expected = torch.nn.functional.interpolate(
+        maps.reshape(-1, 1, side, side), size=(16, 16), mode="bilinear", align_corners=False
+    ).reshape(2, side * side, 256)
+    torch.testing.assert_close(ds._upsample_keys(maps, 16), expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fast_mode_on_gpu_matches_cpu():
     maps = small_maps(batch=2, seed=9)
@@ -365,6 +505,7 @@ def test_bad_maps_raise(mutate, message):
         ({"fidelity": "exact"}, "fidelity"),
         ({"output_size": 0}, "output_size"),
         ({"chunk_size": 0}, "chunk_size"),
+        ({"matmul_precision": "half"}, "matmul_precision"),
     ],
 )
 def test_bad_arguments_raise(kwargs, message):

@@ -37,6 +37,7 @@ from diffuseg.methods.zs3d import (
     renoise,
     sampling_plan,
     sweep_margin,
+    to_epsilon,
 )
 from diffuseg.train.zs3d import (
     SplitArrays,
@@ -181,6 +182,21 @@ def test_ddim_step_matches_diffusers():
         expect = ref.step(eps, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
         got = ddim_step(eps, t, prev, x, ours.alphas_cumprod.double())
         assert torch.allclose(got, expect, atol=1e-4), t
+
+
+def test_v_prediction_converts_to_the_same_ddim_step_as_diffusers():
+    ours = build_scheduler(prediction_type="v_prediction")
+    ref = DDIMScheduler.from_config(ours.config)
+    ref.set_timesteps(10)
+    torch.manual_seed(2)
+    x, v = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8)
+    acp = ours.alphas_cumprod.double()
+    for t in (999, 399, 99):
+        expect = ref.step(v, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+        got = ddim_step(to_epsilon(v, x, t, acp, "v_prediction"), t, t - 100, x, acp)
+        assert torch.allclose(got, expect, atol=1e-4), t
+    with pytest.raises(ValueError, match="prediction_type"):
+        build_scheduler(prediction_type="sample")
 
 
 def test_ddpm_step_matches_diffusers():

@@ -179,7 +179,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
                  "progress": not quiet}
             )  # fmt: skip
             result = train_segmenter(
-                images, labels, meta["classes"], tc, seg.get("size", 64), seg.get("widths", (32, 64, 128)),
+                images, labels, meta["classes"], tc, seg.get("size", 64), seg.get("widths", (16, 32, 64)),
                 meta.get("palette"), val, {"data": str(data), "num_labels": len(ids), "seed": s},
             )  # fmt: skip
         except (FileNotFoundError, ValueError) as e:

@@ -59,7 +59,7 @@ class _ConvBlock(nn.Sequential):
 class SmallUNet(nn.Module):
     """A plain UNet (Ronneberger et al.) with ``len(widths)`` levels: conv-BN-ReLU ×2 per level."""
 
-    def __init__(self, num_classes: int, widths: Sequence[int] = (32, 64, 128), in_channels: int = 3) -> None:
+    def __init__(self, num_classes: int, widths: Sequence[int] = (16, 32, 64), in_channels: int = 3) -> None:
         super().__init__()
         if num_classes < 2 or len(widths) < 2 or min(widths) < 1:
             raise ValueError(
@@ -130,7 +130,7 @@ class SegmenterTask:
         labels: Sequence[np.ndarray],
         class_names: Sequence[str],
         size: int = 64,
-        widths: Sequence[int] = (32, 64, 128),
+        widths: Sequence[int] = (16, 32, 64),
         palette: Sequence[Sequence[int]] | None = None,
         val: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None = None,
         provenance: dict[str, Any] | None = None,
@@ -303,7 +303,7 @@ def train_segmenter(
     class_names: Sequence[str],
     train_config,
     size: int = 64,
-    widths: Sequence[int] = (32, 64, 128),
+    widths: Sequence[int] = (16, 32, 64),
     palette: Sequence[Sequence[int]] | None = None,
     val: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None = None,
     provenance: dict[str, Any] | None = None,

@@ -69,6 +69,7 @@ __all__ = [
     "renoise",
     "sampling_plan",
     "sweep_margin",
+    "to_epsilon",
 ]
 
 CONFIG_FILE = "zs3d_config.json"
@@ -281,8 +282,16 @@ def build_unet(
     )
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 def build_scheduler(**overrides: Any):
-    """The original's noise schedule (T=1000, linear β 1e-4..0.02, ε-prediction), trailing grid."""
+    """The original's noise schedule (T=1000, linear β 1e-4..0.02, ε-prediction), trailing grid.
+
+    ``prediction_type="v_prediction"`` (Salimans & Ho 2022) is the one alternative the samplers
+    support: the network then predicts v = √ᾱ ε − √(1−ᾱ) x₀, which stays informative at the
+    noisiest steps, where an ε-model's x̂₀ is amplified noise.
+    """
     from diffusers import DDPMScheduler
 
     values: dict[str, Any] = {
@@ -295,9 +304,21 @@ def build_scheduler(**overrides: Any):
         "timestep_spacing": "trailing",
     }
     values.update(overrides)
-    if values["prediction_type"] != "epsilon":
-        raise ValueError("ZS3D samplers implement epsilon prediction only (the original's choice)")
+    if values["prediction_type"] not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type must be one of {PREDICTION_TYPES}, got {values['prediction_type']!r}"
+        )
     return DDPMScheduler(**values)
+
+
+def to_epsilon(output: Tensor, x: Tensor, t: int, alphas_cumprod: Tensor, prediction_type: str) -> Tensor:
+    """The ε implied by a network output at absolute level ``t`` (identity for ε-models)."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type != "v_prediction":
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    a = _alpha_bar(alphas_cumprod, t).to(x)
+    return a.sqrt() * output + (1 - a).sqrt() * x
 
 
 # ------------------------------------------------------------------------------- reverse process
@@ -463,6 +484,7 @@ def guided_sample(
     progress: bool = False,
     guide_noise: str = "matched",
     image_timestep: bool = False,
+    prediction_type: str = "epsilon",
 ) -> Tensor:
     """Run ``plan`` from pure noise; the first ``guide.shape[1]`` channels follow the guide image.
 
@@ -509,9 +531,10 @@ def guided_sample(
             x = torch.cat([q_sample(guide, t_img, acp, _randn(guide.shape, generator, x)), x[:, vis:]], 1)
         t_in = torch.full((x.shape[0],), step.t, device=x.device, dtype=torch.long)
         if image_timestep:
-            eps = unet(x, t_in, class_labels=torch.full_like(t_in, t_img)).sample
+            out = unet(x, t_in, class_labels=torch.full_like(t_in, t_img)).sample
         else:
-            eps = unet(x, t_in).sample
+            out = unet(x, t_in).sample
+        eps = to_epsilon(out, x, step.t, acp, prediction_type)
         if sampler == "ddpm":
             x = ddpm_step(eps, step.t, step.t_next, x, acp, _randn(x.shape, generator, x))
         else:
@@ -885,6 +908,7 @@ class ZS3DPipeline:
                 progress,
                 guide_noise=guide_noise,
                 image_timestep=self.image_timestep,
+                prediction_type=self.scheduler.config.prediction_type,
             )
             chunks.append(out[:, 3:].float())
         sem = torch.cat(chunks).view(x.shape[0], num_samples, k, *x.shape[2:])
@@ -1052,6 +1076,7 @@ class ZS3DPipeline:
             progress,
             guide_noise="matched",
             image_timestep=self.image_timestep,
+            prediction_type=self.scheduler.config.prediction_type,
         )
         out = int(output_size or size)
         images = F.interpolate(x[:, :3].float(), size=(out, out), mode="bilinear", align_corners=False)

@@ -291,7 +291,7 @@ class _ZS3DTaskBase:
 
 
 class ZS3DTask(_ZS3DTaskBase):
-    """DDPM ε-prediction on [image ; semantic] stacks, semantic loss masked at ignore pixels.
+    """DDPM ε- (or v-) prediction on [image ; semantic] stacks, semantic loss masked at ignore pixels.
 
     Loss = MSE over the image channels + ``semantic_weight`` × masked MSE over the semantic channels
     (each a mean over its own channels, so the two groups weigh equally whatever ``k`` is), each
@@ -301,7 +301,7 @@ class ZS3DTask(_ZS3DTaskBase):
     drawn per sample from ``image_noise`` = ``{"matched": p, "clean": q, "uniform": r}``: the same
     level as the semantic channels (the original joint diffusion, which unconditional generation and
     matched guidance need), level 0 (the clean image: what clean guidance feeds), or an independent
-    uniform level. The image term is dropped for clean samples, whose ε is unobservable.
+    uniform level. The image term is dropped for clean samples, whose target carries no information.
     """
 
     def __init__(
@@ -347,7 +347,12 @@ class ZS3DTask(_ZS3DTaskBase):
             [sched.add_noise(image, noise[:, :3], t_img), sched.add_noise(sem, noise[:, 3:], t)], 1
         )
         out = model(x_t, t, class_labels=t_img) if self.decoupled else model(x_t, t)
-        err = (out.sample.float() - noise.float()) ** 2
+        target = noise
+        if sched.config.prediction_type == "v_prediction":
+            target = torch.cat(
+                [sched.get_velocity(image, noise[:, :3], t_img), sched.get_velocity(sem, noise[:, 3:], t)], 1
+            )
+        err = (out.sample.float() - target.float()) ** 2
         img_mse = err[:, :3].mean((1, 2, 3))
         k = sem.shape[1]
         sem_mse = (err[:, 3:] * valid).sum((1, 2, 3)) / (valid.sum((1, 2, 3)) * k).clamp_min(1)
