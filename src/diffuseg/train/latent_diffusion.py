@@ -357,7 +357,8 @@ def _mini_sd_backbone(vae_dir: Path):
     vae_path = vae_dir / "vae" if (vae_dir / "vae").is_dir() else vae_dir
     backbone = build_backbone(MINI_SD)
     # the committed stage artifact is fp16; train and encode in fp32
-    backbone.vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32)
+    backbone.vae = vae.eval().requires_grad_(False)
     return backbone
 
 
