@@ -370,6 +370,18 @@ def test_pipeline_call_save_load_and_any_class_names(tmp_path):
     )
 
 
+def test_segment_files_writes_labels_for_any_class_names(dataset, tmp_path):
+    from diffuseg.methods.base import segment_files
+
+    pipe = tiny_pipeline()
+    written = segment_files(
+        pipe, dataset / "img_dir" / "val", tmp_path / "seg", batch_size=4, progress=False,
+        class_names=["background", "red square", "purple circle"], num_samples=1,
+    )  # fmt: skip
+    assert len(written) == 6 and read_label(written[0]).max() < 3
+    assert (tmp_path / "seg" / f"{written[0].stem}_overlay.png").is_file()
+
+
 def test_pipeline_rejects_bad_input():
     pipe = tiny_pipeline()
     img = np.zeros((16, 16, 3), np.uint8)

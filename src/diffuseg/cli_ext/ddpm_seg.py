@@ -112,7 +112,8 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
             int | None, typer.Option(help="Selects the labelled scenes and seeds training.")
         ] = None,
         work_dir: Annotated[
-            Path | None, typer.Option(help="Feature store + finished MLPs, for resuming (default OUT/work).")
+            Path | None,
+            typer.Option(help="Keep the feature store + finished MLPs here to resume (default: a temp dir)."),
         ] = None,
         embed_backbone: Annotated[
             bool, typer.Option("--embed-backbone", help="Copy the backbone into the checkpoint.")

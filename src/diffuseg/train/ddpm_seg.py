@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -858,6 +859,36 @@ def load_labelled(
     return images, labels
 
 
+def _fit_and_save(
+    images: list[np.ndarray],
+    labels: list[np.ndarray],
+    meta: dict[str, Any],
+    features: FeatureConfig | None,
+    cfg: EnsembleTrainConfig,
+    work: Path,
+    prov: dict[str, Any],
+    out: str | os.PathLike,
+    embed_backbone: bool,
+    tta: bool,
+    progress: bool,
+) -> DDPMSegPipeline:
+    """Train and write the checkpoint while the work dir (feature store) still exists."""
+    pipe = fit_ddpm_seg(
+        images,
+        labels,
+        meta["classes"],
+        features or FeatureConfig(),
+        cfg,
+        work,
+        meta.get("palette"),
+        prov,
+        progress,
+    )
+    pipe.tta = tta
+    pipe.save_pretrained(out, embed_backbone=embed_backbone)
+    return pipe
+
+
 def train_ddpm_seg_folder(
     data_dir: str | os.PathLike,
     num_labels: int,
@@ -883,21 +914,12 @@ def train_ddpm_seg_folder(
     cfg = cfg or EnsembleTrainConfig(seed=seed)
     ids = select_labelled(data_dir, num_labels, seed)
     images, labels = load_labelled(data_dir, ids)
-    work = Path(work_dir) if work_dir is not None else Path(out) / "work"
     prov = {"data": str(data_dir), "labelled_ids": ids, "selection_seed": seed, "dataset": meta.get("name")}
-    pipe = fit_ddpm_seg(
-        images,
-        labels,
-        meta["classes"],
-        features or FeatureConfig(),
-        cfg,
-        work,
-        meta.get("palette"),
-        prov,
-        progress,
-    )
-    pipe.tta = tta
-    pipe.save_pretrained(out, embed_backbone=embed_backbone)
+    with tempfile.TemporaryDirectory(prefix="ddpm-seg-") as tmp:  # never inside the checkpoint folder
+        work = Path(work_dir) if work_dir is not None else Path(tmp)
+        pipe = _fit_and_save(
+            images, labels, meta, features, cfg, work, prov, out, embed_backbone, tta, progress
+        )
     if evaluate_split:
         from diffuseg.methods.evaluate import evaluate_pipeline
 
