@@ -14,6 +14,8 @@ __all__ = ["METHODS", "load_pipeline"]
 METHODS: dict[str, tuple[str, str, bool]] = {
     # name: (module, class, unsupervised)
     "diffseg": ("diffuseg.methods.diffseg_pipeline", "DiffSegPipeline", True),
+    "ddpm-seg": ("diffuseg.methods.ddpm_seg", "DDPMSegPipeline", False),
+    "unet-seg": ("diffuseg.methods.dataset_ddpm", "UNetSegmenterPipeline", False),
     "seg-diffusion": ("diffuseg.methods.seg_diffusion", "SegDiffusionPipeline", False),
     "esda": ("diffuseg.methods.esda", "ESDAPipeline", False),
 }
