@@ -237,13 +237,22 @@ def _method_kwargs(method: str, kl_threshold: str | None, threshold_mode: str | 
 
 
 def _load(method: str, checkpoint: str | None, backbone: str | None, call_kwargs: dict):
-    from diffuseg.methods import load_pipeline
+    """Load a pipeline: DiffSeg's checkpoint *is* a backbone; other methods may take one beside theirs."""
+    import inspect
 
-    source = backbone if method == "diffseg" else checkpoint
-    if method == "diffseg" and checkpoint:
+    from diffuseg.methods import load_pipeline, pipeline_class
+
+    kwargs = {k: v for k, v in call_kwargs.items() if v is not None}
+    if method == "diffseg":
+        source = checkpoint or backbone
+    else:
         source = checkpoint
+        if backbone is not None:
+            if "backbone" not in inspect.signature(pipeline_class(method).from_pretrained).parameters:
+                _fail(f"--backbone does not apply to --method {method}; its checkpoint names its own model")
+            kwargs["backbone"] = backbone
     try:
-        return load_pipeline(method, source, **{k: v for k, v in call_kwargs.items() if v is not None})
+        return load_pipeline(method, source, **kwargs)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
 
