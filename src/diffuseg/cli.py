@@ -243,12 +243,16 @@ def _load(method: str, checkpoint: str | None, backbone: str | None, call_kwargs
     from diffuseg.methods import load_pipeline, pipeline_class
 
     kwargs = {k: v for k, v in call_kwargs.items() if v is not None}
+    try:
+        cls = pipeline_class(method)
+    except ValueError as e:
+        _fail(str(e))
     if method == "diffseg":
         source = checkpoint or backbone
     else:
         source = checkpoint
         if backbone is not None:
-            if "backbone" not in inspect.signature(pipeline_class(method).from_pretrained).parameters:
+            if "backbone" not in inspect.signature(cls.from_pretrained).parameters:
                 _fail(f"--backbone does not apply to --method {method}; its checkpoint names its own model")
             kwargs["backbone"] = backbone
     try:
