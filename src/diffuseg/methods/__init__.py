@@ -16,6 +16,7 @@ METHODS: dict[str, tuple[str, str, bool]] = {
     "diffseg": ("diffuseg.methods.diffseg_pipeline", "DiffSegPipeline", True),
     "ddpm-seg": ("diffuseg.methods.ddpm_seg", "DDPMSegPipeline", False),
     "unet-seg": ("diffuseg.methods.dataset_ddpm", "UNetSegmenterPipeline", False),
+    "zs3d": ("diffuseg.methods.zs3d", "ZS3DPipeline", False),
     "seg-diffusion": ("diffuseg.methods.seg_diffusion", "SegDiffusionPipeline", False),
     "esda": ("diffuseg.methods.esda", "ESDAPipeline", False),
 }
