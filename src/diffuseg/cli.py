@@ -13,6 +13,11 @@ from typing import Annotated
 
 import typer
 
+from diffuseg.cli_common import Quiet
+from diffuseg.cli_common import fail as _fail
+from diffuseg.cli_common import load_config as _load_config
+from diffuseg.cli_common import setup_logging as _setup_logging
+
 app = typer.Typer(
     help="diffuseg: semantic segmentation with diffusion models (DiffSeg, DDPM-Segmentation, ZS3D, "
     "Seg-diffusion, ESDA) — datasets, training, segmentation and evaluation.",
@@ -26,22 +31,10 @@ app.add_typer(train_app, name="train")
 
 logger = logging.getLogger("diffuseg")
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings only.")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Config override, dotted: --set unet.train.lr=3e-4 (repeatable)."),
 ]
-
-
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -115,14 +108,6 @@ def data_convert(
 
 
 # ------------------------------------------------------------------------------------------ train
-def _train_config(config: Path, overrides: list[str] | None) -> dict:
-    from diffuseg.train.loop import load_yaml_config
-
-    if not config.is_file():
-        _fail(f"{config}: no such config file (see configs/)")
-    return load_yaml_config(config, overrides or [])
-
-
 @train_app.command("vae")
 def train_vae(
     data: Annotated[Path, typer.Option(help="Dataset folder (img_dir/train, img_dir/val).")],
@@ -138,7 +123,7 @@ def train_vae(
     _setup_logging(quiet)
     from diffuseg.train.latent_diffusion import train_vae as run
 
-    result = run(data, out, _train_config(config, set_), max_minutes=max_minutes, progress=not quiet)
+    result = run(data, out, _load_config(config, set_), max_minutes=max_minutes, progress=not quiet)
     typer.echo(f"step {result.step}, finished={result.finished}, last loss {result.last_loss}")
 
 
@@ -168,7 +153,7 @@ def train_mini_sd(
         data,
         vae,
         out,
-        _train_config(config, set_),
+        _load_config(config, set_),
         max_minutes=max_minutes,
         progress=not quiet,
         export=export,

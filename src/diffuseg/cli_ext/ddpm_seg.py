@@ -5,39 +5,23 @@ Heavy imports happen inside the commands so that ``diffuseg --help`` stays insta
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from diffuseg.cli_common import Quiet
+from diffuseg.cli_common import fail as _fail
+from diffuseg.cli_common import load_config as _load_config
+from diffuseg.cli_common import setup_logging as _setup_logging
+
 DEFAULT_CONFIG = Path("configs/ddpm-seg.yaml")
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings only.")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Config override, dotted: --set ensemble.num_models=5 (repeatable)."),
 ]
 ConfigOpt = Annotated[Path, typer.Option(help="Recipe (YAML), see configs/ddpm-seg.yaml.")]
-
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-
-
-def _load_config(path: Path, overrides: list[str] | None) -> dict[str, Any]:
-    from diffuseg.train.loop import load_yaml_config
-
-    if not path.is_file():
-        _fail(f"{path}: no such config file (run from the repository root or pass --config)")
-    return load_yaml_config(path, overrides or [])
 
 
 def _csv(text: str | None, cast) -> list | None:

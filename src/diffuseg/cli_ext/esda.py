@@ -7,41 +7,17 @@ through the shared commands once ``esda`` is in the methods registry.
 from __future__ import annotations
 
 import inspect
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from diffuseg.cli_common import Quiet, Threads
+from diffuseg.cli_common import fail as _fail
+from diffuseg.cli_common import set_threads as _set_threads
+from diffuseg.cli_common import setup_logging as _setup_logging
+
 __all__ = ["register"]
-
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings only.")]
-Threads = Annotated[
-    int | None,
-    typer.Option(help="torch CPU threads (default: torch's choice; use 1 on a shared machine)."),
-]
-
-
-def _set_threads(threads: int | None) -> None:
-    """Pin torch's intra-op threads: on a busy machine extra threads spin and slow everything down."""
-    if threads is None:
-        return
-    if threads < 1:
-        _fail(f"--threads must be >= 1, got {threads}")
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 def _load_binary_pipeline(method: str, checkpoint: str | None):

@@ -13,12 +13,9 @@ from typing import Annotated
 
 import typer
 
+from diffuseg.cli_common import fail as _fail
+
 DEFAULT_CONFIG = Path("configs/seg-diffusion.yaml")
-
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 def _command_line(

@@ -5,46 +5,22 @@ Heavy imports happen inside the commands so that ``diffuseg --help`` stays insta
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from diffuseg.cli_common import Quiet
+from diffuseg.cli_common import fail as _fail
+from diffuseg.cli_common import load_config as _load_config
+from diffuseg.cli_common import setup_logging as _setup_logging
+
 DEFAULT_CONFIG = Path("configs/zs3d.yaml")
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings only.")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Config override, dotted: --set train.max_steps=2000 (repeatable)."),
 ]
-
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-
-
-def _load_config(path: Path, overrides: list[str] | None) -> dict[str, Any]:
-    from diffuseg.train.loop import load_yaml_config
-
-    if not path.is_file():
-        repo_default = Path(__file__).resolve().parents[3] / DEFAULT_CONFIG
-        if path == DEFAULT_CONFIG and repo_default.is_file():
-            path = repo_default
-        else:
-            _fail(f"{path}: no such config file (run from the repository root or pass --config)")
-    try:
-        return load_yaml_config(path, overrides or [])
-    except ValueError as e:
-        _fail(str(e))
-    return {}
 
 
 def register(app: typer.Typer, train_app: typer.Typer) -> None:
