@@ -38,7 +38,7 @@ MINI_SD: dict[str, Any] = {
         "out_channels": 4,
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [128, 192, 256],
+        "block_out_channels": [64, 128, 192],
         "layers_per_block": 2,
         "cross_attention_dim": 384,
         "attention_head_dim": 8,
