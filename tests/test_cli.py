@@ -135,3 +135,13 @@ def test_data_convert_errors(tmp_path):
         ],
     )
     assert res.exit_code == 2 and "SPLIT=FILE" in res.output
+
+
+def test_info_lists_methods_and_checkpoints(tmp_path, monkeypatch):
+    (tmp_path / "mini-sd-vae").mkdir()
+    monkeypatch.setenv("DIFFUSEG_CHECKPOINTS", str(tmp_path))
+    res = runner.invoke(app, ["info"])
+    assert res.exit_code == 0
+    report = json.loads(res.output)
+    assert "diffseg" in report["methods"] and "zs3d" in report["methods"]
+    assert report["shipped_checkpoints"] == ["mini-sd-vae"]

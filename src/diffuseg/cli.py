@@ -359,10 +359,32 @@ def evaluate_predictions(
 
 @app.command()
 def info() -> None:
-    """Show versions, the shipped checkpoints and where they are."""
-    import diffuseg
+    """Show versions, the registered methods and the shipped checkpoints (and where they are looked for)."""
+    import os
+    from importlib.metadata import PackageNotFoundError, version
 
-    typer.echo(json.dumps({"diffuseg": diffuseg.__version__}, indent=2))
+    import diffuseg
+    from diffuseg.methods import METHODS
+
+    versions = {}
+    for pkg in ("torch", "diffusers", "transformers", "accelerate"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    root = Path(
+        os.environ.get("DIFFUSEG_CHECKPOINTS") or Path(diffuseg.__file__).resolve().parents[2] / "checkpoints"
+    )
+    shipped = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    report = {
+        "diffuseg": diffuseg.__version__,
+        **versions,
+        "methods": sorted(METHODS),
+        "checkpoints_dir": str(root),
+        "shipped_checkpoints": shipped,
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+    }
+    typer.echo(json.dumps(report, indent=2))
 
 
 def _register_extensions() -> None:
