@@ -34,8 +34,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_MD, markdown_table, mean_std, provenance, write_results_section  # noqa: E402
+from _common import RESULTS_MD, markdown_table, mean_std, provenance, write_results_section
 from diffuseg.eval import HungarianScorer, SegmentationEvaluator, load_meta, load_split_samples  # noqa: E402
 
 logger = logging.getLogger("baselines_fashion")

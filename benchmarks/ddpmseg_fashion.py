@@ -43,8 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_MD, markdown_table, mean_std, provenance, write_results_section  # noqa: E402
+from _common import RESULTS_MD, markdown_table, mean_std, provenance, write_results_section
 
 logger = logging.getLogger("ddpmseg_fashion")
 

@@ -35,8 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_MD, markdown_table, provenance, write_results_section  # noqa: E402
+from _common import RESULTS_MD, markdown_table, provenance, write_results_section
 
 logger = logging.getLogger("ddpmseg_memory")
 

@@ -32,8 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_MD, markdown_table, provenance, write_results_section  # noqa: E402
+from _common import RESULTS_MD, markdown_table, provenance, write_results_section
 from diffuseg.data.episodes import FASHION_SCENES_FOLDS, evaluate_episodes  # noqa: E402
 from diffuseg.io import write_json  # noqa: E402
 from diffuseg.train import load_yaml_config  # noqa: E402

@@ -31,7 +31,6 @@ import itertools
 import json
 import logging
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,8 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_MD, markdown_table, provenance, write_results_section  # noqa: E402
+from _common import RESULTS_MD, markdown_table, provenance, write_results_section
 from diffuseg.eval import ConfusionMatrix, load_meta, load_split_samples  # noqa: E402
 from diffuseg.methods.seg_diffusion import SegDiffusionConfig, SegDiffusionPipeline  # noqa: E402
 

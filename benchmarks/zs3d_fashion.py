@@ -36,8 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_MD, markdown_table, mean_std, provenance, write_results_section  # noqa: E402
+from _common import RESULTS_MD, markdown_table, mean_std, provenance, write_results_section
 from diffuseg.eval import ConfusionMatrix, load_meta, load_split_samples  # noqa: E402
 from diffuseg.methods.zs3d import ZS3DPipeline, build_unet, images_to_tensor, sweep_margin  # noqa: E402
 
