@@ -44,13 +44,18 @@ def default_checkpoint_dir(name: str = DEFAULT_BACKBONE) -> Path:
     root = os.environ.get("DIFFUSEG_CHECKPOINTS")
     base = Path(root) if root else Path(__file__).resolve().parents[3] / "checkpoints"
     path = base / name
-    if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+    if (path / "model_index.json").is_file() or (path / "config.json").is_file():
+        return path
+    if base.is_dir():
         raise FileNotFoundError(
-            f"the shipped checkpoint {name!r} is not at {path}. Clone the repository with its "
-            "checkpoints/ folder, set DIFFUSEG_CHECKPOINTS to where they are, "
-            "or pass a model folder / hub id."
+            f"no shipped {name!r} checkpoint in {base} (yet): pass a model folder with "
+            "--checkpoint/--backbone, or train one (docs/training.md); set DIFFUSEG_CHECKPOINTS "
+            "if you keep checkpoints elsewhere."
         )
-    return path
+    raise FileNotFoundError(
+        f"the shipped checkpoint {name!r} is not at {path}: clone the repository with its checkpoints/ "
+        "folder, set DIFFUSEG_CHECKPOINTS to where they are, or pass a model folder / hub id."
+    )
 
 
 def resolve_local_files_only(local_files_only: bool | None) -> bool:
