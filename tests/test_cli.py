@@ -145,3 +145,37 @@ def test_info_lists_methods_and_checkpoints(tmp_path, monkeypatch):
     report = json.loads(res.output)
     assert "diffseg" in report["methods"] and "zs3d" in report["methods"]
     assert report["shipped_checkpoints"] == ["mini-sd-vae"]
+
+
+def test_generate_writes_a_grid(tmp_path):
+    from diffuseg.backbones.presets import tiny_sd_backbone
+    from diffuseg.io import read_image
+
+    tiny_sd_backbone(tmp_path).save_pretrained(tmp_path / "sd")
+    out = tmp_path / "g.png"
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            "--backbone",
+            str(tmp_path / "sd"),
+            "--prompt",
+            "a red bag",
+            "--prompt",
+            "a sandal",
+            "--num-samples",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    grid = read_image(out)
+    assert grid.shape[0] > 128 and grid.shape[1] > 2 * 128  # 2 prompts x 2 samples of 128 px
+    res = runner.invoke(
+        app, ["generate", "--backbone", str(tmp_path / "nope"), "--prompt", "x", "--out", str(out)]
+    )
+    assert res.exit_code == 2
