@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ from torch import nn
 from diffuseg.io import atomic_write
 from diffuseg.methods.base import check_images, parse_classes
 from diffuseg.outputs import SegmentationOutput
+from diffuseg.utils import dataclass_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +146,7 @@ class FeatureConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeatureConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown feature settings {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "feature")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

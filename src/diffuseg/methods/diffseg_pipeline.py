@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from diffuseg.methods.base import check_images, parse_classes
 from diffuseg.outputs import SegmentationOutput
+from diffuseg.utils import dataclass_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class DiffSegConfig:
         values = dict(SD_DEFAULTS)
         values.update(backbone.config.method_defaults.get("diffseg", {}))
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "DiffSeg")
 
 
 def class_prompt(class_names: Sequence[str]) -> str:

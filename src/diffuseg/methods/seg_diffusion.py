@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from diffuseg.methods.base import check_images, parse_classes
 from diffuseg.outputs import SegmentationOutput
+from diffuseg.utils import dataclass_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +112,7 @@ class SegDiffusionConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SegDiffusionConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown Seg-diffusion settings {unknown}; valid: {sorted(names)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "Seg-diffusion")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from diffuseg.methods.ddpm_seg import (
     build_feature_source,
     group_maps,
 )
+from diffuseg.utils import dataclass_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -123,11 +124,7 @@ class EnsembleTrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EnsembleTrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ensemble settings {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "ensemble")
 
     @classmethod
     def improved(cls, **overrides: Any) -> EnsembleTrainConfig:

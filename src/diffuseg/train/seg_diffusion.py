@@ -31,7 +31,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from diffuseg.io import atomic_write, read_image, read_label, write_json
 from diffuseg.methods.seg_diffusion import METHOD, SegDiffusionConfig, SegDiffusionPipeline
+from diffuseg.utils import dataclass_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +127,7 @@ class SegDiffusionSettings:
     def from_config(cls, config: dict[str, Any]) -> SegDiffusionSettings:
         """Merge the ``data`` and ``model`` sections; unknown keys are refused with the valid ones."""
         values = {**(config.get("data") or {}), **(config.get("model") or {})}
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown seg-diffusion settings {unknown}; valid: {sorted(names)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "seg-diffusion")
 
 
 # ----------------------------------------------------------------------------------------- model
