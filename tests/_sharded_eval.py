@@ -26,3 +26,11 @@ evaluate_method(
     progress=False,
     json_out=out,
 )
+
+# shut the process group down on every rank: a rank leaving while another still talks to the
+# rendezvous store makes gloo abort that rank
+import torch.distributed as dist  # noqa: E402
+
+if dist.is_available() and dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()

@@ -380,7 +380,15 @@ def evaluate_method(
         report["protocol"] = {**report.get("protocol", {}), "processes": world}
     if json_out is not None and rank == 0:
         write_json(json_out, report)
+    if world > 1:
+        _wait_for_everyone()  # no rank returns (and maybe exits) before the report is written
     return report
+
+
+def _wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
 
 
 def _process_rank() -> tuple[int, int]:
