@@ -165,6 +165,51 @@ def train_mini_sd(
         typer.echo(f"step {result.step}, finished={result.finished}, last loss {result.last_loss}")
 
 
+@train_app.command("pack")
+def train_pack(
+    run: Annotated[Path, typer.Argument(help="Run folder of an unfinished training (with checkpoints/).")],
+    out: Annotated[Path, typer.Option(help="Where to write the carry pack (e.g. training-state/NAME).")],
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="A checkpoint folder of RUN (default: the latest).")
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Write a run's latest checkpoint as a compact pack (fp16 weights, bf16 Adam moments) to commit.
+
+    Machines are not kept between sessions: commit the pack, and on the next machine `train unpack`
+    it and rerun the same training command to continue.
+    """
+    _setup_logging(quiet)
+    from diffuseg.train.carry import pack_run
+
+    try:
+        path = pack_run(run, out, checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    typer.echo(f"packed {run} into {path} ({size / 2**20:.1f} MiB)")
+
+
+@train_app.command("unpack")
+def train_unpack(
+    pack: Annotated[Path, typer.Argument(help="A carry pack written by `diffuseg train pack`.")],
+    out: Annotated[Path, typer.Option(help="Run folder to lay it out in (then rerun the training command).")],
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a run folder whose own checkpoint is as new or newer.")
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Lay a carry pack out as a run folder, so that the training command resumes from it."""
+    _setup_logging(quiet)
+    from diffuseg.train.carry import unpack_run
+
+    try:
+        ckpt = unpack_run(pack, out, overwrite=overwrite)
+    except (FileNotFoundError, FileExistsError) as e:
+        _fail(str(e))
+    typer.echo(f"unpacked {pack} into {ckpt}; rerun the training command with --out {out} to continue")
+
+
 # --------------------------------------------------------------------------------------- generate
 @app.command()
 def generate(
