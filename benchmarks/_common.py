@@ -130,3 +130,64 @@ def provenance(threads: int | None = None, argv: Sequence[str] | None = None) ->
             f"- machine: {machine_info(threads)}",
         ]
     )
+
+
+# ------------------------------------------------------------------------------------------ records
+RECORDS_DIR = Path(__file__).resolve().parent / "records"
+
+
+def dataset_fingerprint(data_dir: str | os.PathLike) -> dict[str, object]:
+    """What identifies a dataset across machines (not its path): meta.json's name/classes/unseen and
+    the image count of each split. Records are reused only on data with the same fingerprint."""
+    import json
+
+    data_dir = Path(data_dir)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    splits = {}
+    for split_dir in sorted(p for p in (data_dir / "img_dir").iterdir() if p.is_dir()):
+        splits[split_dir.name] = sum(1 for _ in split_dir.iterdir())
+    return {
+        "name": meta.get("name"),
+        "classes": meta.get("classes"),
+        "unseen": meta.get("unseen"),
+        "splits": splits,
+        "generator": meta.get("generator"),
+    }
+
+
+def _record_path(bench: str, key: str, root: Path) -> Path:
+    if not re.fullmatch(r"[a-z0-9_.-]+", bench) or not re.fullmatch(r"[A-Za-z0-9_.=-]+", key):
+        raise ValueError(f"record names must be plain file names, got {bench!r}/{key!r}")
+    return root / bench / f"{key}.json"
+
+
+def load_record(bench: str, key: str, signature: dict, root: Path = RECORDS_DIR) -> dict | None:
+    """The committed result of one expensive benchmark cell, if it was run with this exact signature.
+
+    Benchmarks whose cells take tens of minutes each (one trained model per fold × variant) run in
+    chunks across sessions on machines that are not kept; each finished cell's result is committed
+    under ``benchmarks/records/`` so the next chunk skips it. A record whose signature (config, data
+    fingerprint, protocol) differs is ignored, so a changed recipe always reruns.
+    """
+    import json
+
+    path = _record_path(bench, key, root)
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("signature") != json.loads(json.dumps(signature)):
+        return None
+    return saved["result"]
+
+
+def save_record(bench: str, key: str, signature: dict, result: dict, root: Path = RECORDS_DIR) -> Path:
+    """Write one cell's result with its signature, date and machine (atomically)."""
+    import json
+
+    path = _record_path(bench, key, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"signature": signature, "date": today(), "machine": machine_info(1), "result": result}
+    with atomic_write(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+        f.write("\n")
+    return path

@@ -144,11 +144,12 @@ class VAETask:
 
 @torch.no_grad()
 def precompute_latents(
-    vae: nn.Module, images: np.ndarray, batch_size: int = 128
+    vae: nn.Module, images: np.ndarray, batch_size: int = 128, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Posterior mean and std of every image, float16 ``(N, C, h, w)`` each."""
     means, stds = [], []
-    for i in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    for i in tqdm(starts, desc="encoding latents", leave=False, disable=not progress):
         x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         post = vae.encode(x).latent_dist
         means.append(post.mean.half().numpy())
@@ -187,7 +188,9 @@ class LatentCaptionDataset(Dataset):
         }
 
 
-def build_latent_cache(backbone, data_dir: Path, cache_dir: Path, split: str = "train") -> Path:
+def build_latent_cache(
+    backbone, data_dir: Path, cache_dir: Path, split: str = "train", progress: bool = False
+) -> Path:
     """Encode every image and caption of a split once; later epochs read the cache.
 
     Written atomically per file; an existing complete cache (``done.json``) is reused.
@@ -198,8 +201,8 @@ def build_latent_cache(backbone, data_dir: Path, cache_dir: Path, split: str = "
     cache_dir.mkdir(parents=True, exist_ok=True)
     files = _split_images(data_dir, split)
     captions = read_captions(data_dir, split)
-    images = load_image_array(data_dir, split)
-    mean, std = precompute_latents(backbone.vae, images)
+    images = load_image_array(data_dir, split, progress=progress)
+    mean, std = precompute_latents(backbone.vae, images, progress=progress)
     texts = [captions.get(f.stem, "") for f in files]
     emb = []
     for i in range(0, len(texts), 256):
@@ -385,7 +388,7 @@ def train_unet(
     torch.manual_seed(seed)
     backbone = _mini_sd_backbone(Path(vae_dir))
     backbone.config.info.update({"trained_on": str(data_dir), "recipe": cfg})
-    cache = build_latent_cache(backbone, data_dir, out / "latent_cache")
+    cache = build_latent_cache(backbone, data_dir, out / "latent_cache", progress=progress)
     task = UNetTask(
         backbone,
         cache,

@@ -1,0 +1,53 @@
+"""Committed benchmark records: one expensive cell's result, reused only under the same signature."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def common():
+    spec = importlib.util.spec_from_file_location("_bench_common", REPO / "benchmarks" / "_common.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules.setdefault("_bench_common", module)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _dataset(root: Path, n_train: int) -> Path:
+    (root / "img_dir" / "train").mkdir(parents=True)
+    (root / "img_dir" / "val").mkdir(parents=True)
+    for i in range(n_train):
+        (root / "img_dir" / "train" / f"{i}.png").write_bytes(b"")
+    (root / "img_dir" / "val" / "0.png").write_bytes(b"")
+    meta = {"name": "FS", "classes": ["background", "a"], "unseen": ["a"], "generator": {"seed": 0}}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_record_round_trip_and_signature_mismatch(common, tmp_path: Path) -> None:
+    a = common.dataset_fingerprint(_dataset(tmp_path / "a", 3))
+    b = common.dataset_fingerprint(_dataset(tmp_path / "elsewhere", 3))
+    c = common.dataset_fingerprint(_dataset(tmp_path / "c", 4))
+    assert a == b != c  # the path does not matter, the content does
+    assert a["splits"] == {"train": 3, "val": 1}
+
+    sig = {"config": {"lr": 1e-3, "steps": (1, 2)}, "data": a}
+    root = tmp_path / "records"
+    assert common.load_record("bench", "fold0_esda", sig, root) is None
+    path = common.save_record("bench", "fold0_esda", sig, {"metrics": {"mIoU": 12.5}}, root)
+    assert path == root / "bench" / "fold0_esda.json"
+    assert common.load_record("bench", "fold0_esda", sig, root) == {"metrics": {"mIoU": 12.5}}
+    assert common.load_record("bench", "fold0_esda", {**sig, "data": c}, root) is None
+    assert common.load_record("bench", "fold0_esda", {**sig, "config": {"lr": 2e-3}}, root) is None
+    saved = json.loads(path.read_text())
+    assert {"date", "machine"} <= set(saved)
+    with pytest.raises(ValueError, match="plain file names"):
+        common.save_record("bench", "../x", sig, {}, root)
