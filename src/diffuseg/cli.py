@@ -432,6 +432,41 @@ def info() -> None:
     typer.echo(json.dumps(report, indent=2))
 
 
+@app.command()
+def demo(
+    checkpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="METHOD=FOLDER_OR_HUB_ID (repeatable); DiffSeg takes a backbone: diffseg=/models/sd-v1-4."
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to serve on (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 7860,
+    share: Annotated[bool, typer.Option(help="Ask gradio for a public share link (needs internet).")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """A browser demo: every method whose checkpoint ships, plus those given with --checkpoint."""
+    _setup_logging(quiet)
+    from diffuseg.demo import DemoSession, available_methods, launch
+
+    given: dict[str, str | None] = {}
+    for item in checkpoint or []:
+        method, sep, source = item.partition("=")
+        if not sep or not method.strip() or not source.strip():
+            _fail(f"--checkpoint takes METHOD=FOLDER, got {item!r}")
+        given[method.strip()] = source.strip()
+    try:
+        session = DemoSession(available_methods(given))
+    except ValueError as e:
+        _fail(str(e))
+    try:
+        launch(session, host=host, port=port, share=share)
+    except ImportError as e:
+        _fail(str(e))
+
+
 def _register_extensions() -> None:
     from diffuseg.cli_ext import register_all
 
