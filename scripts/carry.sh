@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Run the embedded models' trainings in resumable chunks on machines that are not kept.
+#
+#   bash scripts/carry.sh start MINUTES NAME [NAME ...]   # data if missing, unpack, launch in background
+#   bash scripts/carry.sh pack NAME [NAME ...]            # latest checkpoints -> training-state/NAME (commit them)
+#   bash scripts/carry.sh status                          # last log line of every run
+#
+# NAME is one of the runs below; each is the exact command of docs/training.md. One torch thread per
+# run (this machine has 2 cores); logs go to $RUNS/NAME.log. RUNS defaults to /work/runs, the data to
+# /work/data/fashion_scenes (generated here, byte-identical per seed, when missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-/work/runs}
+DATA=${DATA:-/work/data/fashion_scenes}
+
+command_for() {  # NAME MINUTES -> the training command
+  local m=$2
+  case "$1" in
+    mini-sd-unet) echo "diffuseg train mini-sd --data $DATA --vae checkpoints/mini-sd-vae --out $RUNS/mini-sd-unet --max-minutes $m --export $RUNS/mini-sd-export" ;;
+    esda) echo "diffuseg train esda --data $DATA --out $RUNS/esda --threads 1 --max-minutes $m --set train.max_steps=4500" ;;
+    zs3d) echo "diffuseg train zs3d --data $DATA --out $RUNS/zs3d --max-minutes $m" ;;
+    zs3d-spnet) echo "diffuseg train zs3d --baseline --data $DATA --out $RUNS/zs3d-spnet --max-minutes $m" ;;
+    seg-diffusion) echo "diffuseg train seg-diffusion --data $DATA --backbone $RUNS/mini-sd-export --out $RUNS/seg-diffusion --max-minutes $m --export $RUNS/seg-diffusion-export" ;;
+    *) echo "unknown run '$1' (mini-sd-unet, esda, zs3d, zs3d-spnet, seg-diffusion)" >&2; return 2 ;;
+  esac
+}
+
+ensure_data() {
+  if [ ! -f "$DATA/meta.json" ]; then
+    diffuseg data fashion-scenes --out "$DATA" --num-train 20000 --num-val 500 --seed 0 -q
+  fi
+}
+
+case "${1:-}" in
+  start)
+    minutes=${2:?minutes}; shift 2
+    ensure_data
+    mkdir -p "$RUNS"
+    for name in "$@"; do
+      cmd=$(command_for "$name" "$minutes")
+      if [ ! -d "$RUNS/$name/checkpoints" ] && [ -f "training-state/$name/carry.json" ]; then
+        diffuseg train unpack "training-state/$name" --out "$RUNS/$name" -q
+      fi
+      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup $cmd >> "$RUNS/$name.log" 2>&1 &
+      echo "started $name (pid $!): $cmd"
+    done
+    ;;
+  pack)
+    shift
+    for name in "$@"; do
+      diffuseg train pack "$RUNS/$name" --out "training-state/$name" -q
+    done
+    ;;
+  status)
+    for log in "$RUNS"/*.log; do
+      [ -f "$log" ] || continue
+      printf '%s: %s\n' "$(basename "$log" .log)" "$(tail -c 2000 "$log" | tr '\r' '\n' | grep -v '^\s*$' | tail -1 | cut -c1-160)"
+    done
+    ;;
+  *)
+    sed -n 2,10p "$0"; exit 2 ;;
+esac
