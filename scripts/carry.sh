@@ -3,15 +3,19 @@
 #
 #   bash scripts/carry.sh start MINUTES NAME [NAME ...]   # data if missing, unpack, launch in background
 #   bash scripts/carry.sh pack NAME [NAME ...]            # latest checkpoints -> training-state/NAME (commit them)
+#                                                         # (a stage with its own loop, RUN/STAGE -> NAME.STAGE)
+#   bash scripts/carry.sh unpack NAME [NAME ...]          # only lay the packs out (start does it too)
 #   bash scripts/carry.sh status                          # last log line of every run
 #
 # NAME is one of the runs below; each is the exact command of docs/training.md. One torch thread per
 # run (this machine has 2 cores); logs go to $RUNS/NAME.log. RUNS defaults to /work/runs, the data to
-# /work/data/fashion_scenes (generated here, byte-identical per seed, when missing).
+# /work/data/fashion_scenes (generated here, byte-identical per seed, when missing), the packs to
+# STATE=training-state.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-/work/runs}
 DATA=${DATA:-/work/data/fashion_scenes}
+STATE=${STATE:-training-state}
 
 command_for() {  # NAME MINUTES -> the training command
   local m=$2
@@ -23,6 +27,20 @@ command_for() {  # NAME MINUTES -> the training command
     seg-diffusion) echo "diffuseg train seg-diffusion --data $DATA --backbone $RUNS/mini-sd-export --out $RUNS/seg-diffusion --max-minutes $m --export $RUNS/seg-diffusion-export" ;;
     *) echo "unknown run '$1' (mini-sd-unet, esda, zs3d, zs3d-spnet, seg-diffusion)" >&2; return 2 ;;
   esac
+}
+
+unpack_one() {  # NAME: lay out $STATE/NAME (and NAME.STAGE packs) where the run folder has no checkpoint
+  local name=$1 sub stage
+  if [ ! -d "$RUNS/$name/checkpoints" ] && [ -f "$STATE/$name/carry.json" ]; then
+    diffuseg train unpack "$STATE/$name" --out "$RUNS/$name" -q
+  fi
+  for sub in "$STATE/$name".*/; do  # stages with their own loop (ZS3D's calibration model)
+    [ -f "$sub/carry.json" ] || continue
+    stage=$(basename "$sub"); stage=${stage#"$name".}
+    if [ ! -d "$RUNS/$name/$stage/checkpoints" ]; then
+      diffuseg train unpack "$sub" --out "$RUNS/$name/$stage" -q
+    fi
+  done
 }
 
 ensure_data() {
@@ -38,9 +56,7 @@ case "${1:-}" in
     mkdir -p "$RUNS"
     for name in "$@"; do
       cmd=$(command_for "$name" "$minutes")
-      if [ ! -d "$RUNS/$name/checkpoints" ] && [ -f "training-state/$name/carry.json" ]; then
-        diffuseg train unpack "training-state/$name" --out "$RUNS/$name" -q
-      fi
+      unpack_one "$name"
       OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup $cmd >> "$RUNS/$name.log" 2>&1 &
       echo "started $name (pid $!): $cmd"
     done
@@ -48,8 +64,17 @@ case "${1:-}" in
   pack)
     shift
     for name in "$@"; do
-      diffuseg train pack "$RUNS/$name" --out "training-state/$name" -q
+      diffuseg train pack "$RUNS/$name" --out "$STATE/$name" -q
+      for sub in "$RUNS/$name"/*/checkpoints; do  # a stage's own loop -> $STATE/NAME.STAGE
+        [ -d "$sub" ] || continue
+        stage=$(basename "$(dirname "$sub")")
+        diffuseg train pack "$RUNS/$name/$stage" --out "$STATE/$name.$stage" -q
+      done
     done
+    ;;
+  unpack)
+    shift
+    for name in "$@"; do unpack_one "$name"; done
     ;;
   status)
     for log in "$RUNS"/*.log; do
@@ -58,5 +83,5 @@ case "${1:-}" in
     done
     ;;
   *)
-    sed -n 2,10p "$0"; exit 2 ;;
+    sed -n 2,13p "$0"; exit 2 ;;
 esac

@@ -108,3 +108,32 @@ def test_cli_pack_then_unpack(tmp_path: Path) -> None:
         app, ["train", "pack", str(tmp_path / "nothing"), "--out", str(tmp_path / "p2"), "-q"]
     )
     assert res.exit_code == 2 and "no complete checkpoint" in res.output
+
+
+@pytest.mark.skipif(shutil.which("diffuseg") is None, reason="the diffuseg console script is not installed")
+def test_carry_script_carries_a_stage_with_its_own_loop(tmp_path: Path) -> None:
+    """``scripts/carry.sh``: RUN/STAGE (ZS3D's calibration model) travels as NAME.STAGE and comes back."""
+    import os
+    import subprocess
+
+    runs, state = tmp_path / "runs", tmp_path / "state"
+    train(tiny.TinyTask(), _config(runs / "zs3d", 4))
+    train(tiny.TinyTask(), _config(runs / "zs3d" / "calibration", 8))
+    (runs / "zs3d" / "calibration.json").write_text('{"gamma": 0.1}')
+    env = {**os.environ, "RUNS": str(runs), "STATE": str(state)}
+
+    def carry(*args: str) -> None:
+        res = subprocess.run(
+            ["bash", str(REPO / "scripts" / "carry.sh"), *args], env=env, capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr
+
+    carry("pack", "zs3d")
+    assert json.loads((state / "zs3d" / PACK_FILE).read_text())["step"] == 4
+    assert json.loads((state / "zs3d.calibration" / PACK_FILE).read_text())["step"] == 8
+    shutil.rmtree(runs)
+    carry("unpack", "zs3d")
+    assert latest_checkpoint(runs / "zs3d").name == "step_000004"
+    assert latest_checkpoint(runs / "zs3d" / "calibration").name == "step_000008"
+    assert (runs / "zs3d" / "calibration.json").read_text() == '{"gamma": 0.1}'
+    carry("unpack", "zs3d")  # already laid out: nothing replaced, no error
