@@ -172,6 +172,8 @@ def render(args: argparse.Namespace, data_dir: Path, results: dict, config: dict
             ]
         )
     fold_names = [f"fold {f} ({', '.join(FASHION_SCENES_FOLDS[f])})" for f in folds]
+    cells = [rep for per in results.values() for rep in per.values()]
+    train_total, n_models = sum(rep.get("train_seconds", 0.0) for rep in cells), len(cells)
     m, t = config["model"], config["train"]
     return "\n".join(
         [
@@ -183,7 +185,9 @@ def render(args: argparse.Namespace, data_dir: Path, results: dict, config: dict
             f"- model: frozen `{m['encoder']}` + `{m['text_encoder']}` text, {m['image_size']}-px input, "
             f"width {m['dim']}; every variant trains {t['max_steps']} steps of batch {t['batch_size']} "
             f"(AdamW, lr {t['lr']}, {t['lr_schedule']}), negative_prob {config['data']['negative_prob']}",
-            f"- total run time: {elapsed / 60:.0f} min",
+            f"- compute: {train_total / 3600:.1f} h of training over {n_models} models (one thread each, "
+            f"cells run in chunks across sessions, each kept in benchmarks/records/); this invocation "
+            f"{elapsed / 60:.0f} min",
             "",
             "**mIoU over the fold's novel classes** (percent; mean over folds last):",
             "",
