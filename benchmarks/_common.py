@@ -155,6 +155,36 @@ def dataset_fingerprint(data_dir: str | os.PathLike) -> dict[str, object]:
     }
 
 
+def model_fingerprint(spec: str | os.PathLike | None, default: str | os.PathLike | None = None) -> str:
+    """What identifies a model across machines: the sha256 of its weight files (not its path).
+
+    ``spec`` is a model folder, ``None`` (then ``default``, the shipped folder) or any other string
+    (a hub id, ``random:<preset>``), returned as it is. A folder's ``*.safetensors`` / ``*.bin`` files
+    are hashed in sorted order, so retraining a backbone invalidates every record that used it.
+    """
+    import hashlib
+
+    target = spec if spec is not None else default
+    path = Path(target) if target is not None else None
+    if path is None or not path.is_dir():
+        return str(target)
+    files = sorted(f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file())
+    if not files:
+        return str(target)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(path).as_posix().encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def record_key(*parts: object) -> str:
+    """A record file name from cell coordinates (``ddpm+aug``, ``up1@50,150`` -> plain characters)."""
+    return "_".join(re.sub(r"[^A-Za-z0-9_.=-]+", "-", str(p)) for p in parts if str(p) != "")
+
+
 def _record_path(bench: str, key: str, root: Path) -> Path:
     if not re.fullmatch(r"[a-z0-9_.-]+", bench) or not re.fullmatch(r"[A-Za-z0-9_.=-]+", key):
         raise ValueError(f"record names must be plain file names, got {bench!r}/{key!r}")

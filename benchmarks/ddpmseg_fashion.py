@@ -15,8 +15,11 @@ foreground IoU; mean ± std over seeds, each seed drawing its own N labelled tra
 ``--sweep`` instead measures decoder blocks × timesteps for the ``ddpm`` row (one seed, N=10) — the
 evidence for the mini-SD defaults.
 
-Every finished (row, N, seed) is appended to ``WORK/results.jsonl`` and skipped on a rerun, so the
-run can be stopped (e.g. ``timeout``) and resumed by repeating the command. Full run (≈ 17 CPU-hours on
+Every finished (row, N, seed) is committed as ``benchmarks/records/ddpmseg-fashion/<row>_n<N>_s<seed>.json``
+with its signature (data fingerprint, recipe, and the sha256 of the backbone weights for the rows that
+use it) and skipped on a rerun, so the run can be stopped (e.g. ``timeout``) and resumed by repeating
+the command, on this machine or the next one; retraining the backbone reruns only its rows.
+``--no-records`` keeps them in ``WORK/records`` instead. Full run (≈ 17 CPU-hours on
 one thread, two thirds of it the two augmented rows: ×5 data and the original's ≥ 4 epochs)::
 
     python benchmarks/ddpmseg_fashion.py --data /work/data/fashion_scenes --backbone /work/runs/mini-sd-export
@@ -27,7 +30,7 @@ section) and brings it to ≈ 6 CPU-hours.
 Smoke test on a random-init mini-SD (≈ 2 min)::
 
     python benchmarks/ddpmseg_fashion.py --backbone random:mini-sd --sizes 2 --seeds 0 --num-val 8 \\
-        --num-models 2 --max-iterations 30 --synthetic 4 --segmenter-steps 5 --no-write
+        --num-models 2 --max-iterations 30 --synthetic 4 --segmenter-steps 5 --no-write --no-records
 """
 
 from __future__ import annotations
@@ -43,7 +46,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import RESULTS_MD, markdown_table, mean_std, provenance, write_results_section
+from _common import (
+    RECORDS_DIR,
+    RESULTS_MD,
+    dataset_fingerprint,
+    load_record,
+    markdown_table,
+    mean_std,
+    model_fingerprint,
+    provenance,
+    record_key,
+    save_record,
+    write_results_section,
+)
 
 logger = logging.getLogger("ddpmseg_fashion")
 
@@ -83,6 +98,15 @@ def prepare_data(args: argparse.Namespace) -> Path:
     return cache
 
 
+def _shipped_backbone() -> Path | None:
+    from diffuseg.backbones.latent import default_checkpoint_dir
+
+    try:
+        return default_checkpoint_dir()
+    except (FileNotFoundError, OSError):
+        return None
+
+
 def load_val(data_dir: Path, limit: int) -> tuple[list[np.ndarray], np.ndarray]:
     from diffuseg.eval import load_split_samples
 
@@ -106,23 +130,44 @@ class Bench:
         self.data = prepare_data(args)
         self.meta = load_meta(self.data)
         self.val_images, self.val_labels = load_val(self.data, args.num_val)
-        self.results_path = self.work / "results.jsonl"
-        self.done = self._read_results()
+        self.records = self.work / "records" if args.no_records else Path(args.records_dir)
+        self.data_fingerprint = dataset_fingerprint(self.data)
+        self.backbone_fingerprint = model_fingerprint(args.backbone, _shipped_backbone())
         self._sources: dict[str, Any] = {}
         self._backbones: dict[str, Any] = {}
         self._val_stores: dict[str, Any] = {}
 
-    def _read_results(self) -> dict[tuple, dict]:
-        if not self.results_path.is_file():
-            return {}
-        rows = [json.loads(line) for line in self.results_path.read_text().splitlines() if line.strip()]
-        return {(r["row"], r["n"], r["seed"], r.get("tag", "")): r for r in rows}
+    # ------------------------------------------------------------------ records
+    def signature(self, row: str, n: int, seed: int, features=None) -> dict[str, Any]:
+        """Everything a cell's number depends on, with the backbone named by its weights' hash."""
+        a = self.args
+        sig: dict[str, Any] = {"row": row, "n": n, "seed": seed, "num_val": len(self.val_images)}
+        sig["data"] = self.data_fingerprint
+        if row != "unet":
+            key = "ddpm" if row.startswith("ddpm") or row in ("sweep", "datasetddpm") else row
+            feats = (features or self.feature_config(key)).to_dict()
+            if feats.get("kind") == "diffusion" and key == "ddpm":
+                feats["backbone"] = self.backbone_fingerprint
+            recipe_row = {"sweep": "ddpm", "datasetddpm": "ddpm", "ddpm+aug+adamw+tta": "ddpm+aug+adamw"}
+            sig["features"] = feats
+            sig["ensemble"] = vars(recipe(recipe_row.get(row, row), a, seed))
+        if row in ("unet", "datasetddpm"):
+            sig["segmenter"] = {"steps": a.segmenter_steps, "batch": a.segmenter_batch}
+        if row == "datasetddpm":
+            sig["synthetic"] = {"num": a.synthetic, "steps": a.sampling_steps, "prompts": a.prompts}
+        return sig
 
-    def record(self, row: str, n: int, seed: int, metrics: dict, seconds: float, tag: str = "") -> None:
+    def get(self, row: str, n: int, seed: int, tag: str = "", features=None) -> dict | None:
+        """The finished cell's metrics (``None`` if it has not run under this signature)."""
+        sig = self.signature(row, n, seed, features)
+        return load_record(SECTION_ID, record_key(row, f"n{n}", f"s{seed}", tag), sig, self.records)
+
+    def record(
+        self, row: str, n: int, seed: int, metrics: dict, seconds: float, tag: str = "", features=None
+    ) -> None:
         rec = {"row": row, "n": n, "seed": seed, "tag": tag, "seconds": seconds, **metrics}
-        with open(self.results_path, "a") as f:  # one line per finished unit: a crash loses at most one
-            f.write(json.dumps(rec) + "\n")
-        self.done[(row, n, seed, tag)] = rec
+        key = record_key(row, f"n{n}", f"s{seed}", tag)
+        save_record(SECTION_ID, key, self.signature(row, n, seed, features), rec, self.records)
         logger.info("%s N=%d seed=%d %s: mIoU %.1f (%.0f s)", row, n, seed, tag, metrics["mIoU"], seconds)
 
     # ------------------------------------------------------------------ features
@@ -161,7 +206,12 @@ class Bench:
         from diffuseg.train.ddpm_seg import FeatureStore, build_feature_store, config_fingerprint
 
         fp = config_fingerprint(
-            {"features": cfg.to_dict(), "num_val": len(self.val_images), "data": str(self.data)}
+            {
+                "features": cfg.to_dict(),
+                "weights": self.backbone_fingerprint if cfg.backbone == self.args.backbone else None,
+                "num_val": len(self.val_images),
+                "data": str(self.data),
+            }
         )
         if fp not in self._val_stores:
             root = self.work / f"val_{fp}"
@@ -220,7 +270,11 @@ def ensemble_pipe(b: Bench, row: str, n: int, seed: int, cfg_override=None, tag:
 
     key = "ddpm" if row.startswith("ddpm") else row
     source, cfg = b.source(key, cfg_override)
-    ckpt = b.work / "ckpt" / f"{row}_n{n}_s{seed}{tag}"
+    from diffuseg.train.ddpm_seg import config_fingerprint
+
+    # named by the cell's signature: a retrained backbone at the same path never reuses stale models
+    sig = config_fingerprint(b.signature(row, n, seed, cfg_override))
+    ckpt = b.work / "ckpt" / f"{row}_n{n}_s{seed}{tag}_{sig}"
     if (ckpt / "config.json").is_file():
         return DDPMSegPipeline.from_pretrained(ckpt, source=source), source, cfg
     images, labels, ids = labelled(b, n, seed)
@@ -309,7 +363,7 @@ def run_table(b: Bench) -> None:
     for n in sizes:
         for seed in seeds:
             for row in rows:
-                if (row, n, seed, "") in b.done or (row == "datasetddpm" and n not in dd_sizes):
+                if (row == "datasetddpm" and n not in dd_sizes) or b.get(row, n, seed) is not None:
                     continue
                 t0 = time.perf_counter()
                 if row in ENSEMBLE_ROWS:
@@ -331,13 +385,13 @@ def run_sweep(b: Bench) -> list[tuple[list[str], list[int]]]:
     configs = [c for i, c in enumerate(configs) if c not in configs[:i]]  # the default appears in both lists
     for lay, ts in configs:
         tag = f"{'+'.join(x.split('.')[-1] for x in lay)}@{','.join(map(str, ts))}"
-        if ("sweep", a.sweep_n, 0, tag) in b.done:
+        cfg = b.feature_config("ddpm", lay, ts)
+        if b.get("sweep", a.sweep_n, 0, tag, features=cfg) is not None:
             continue
         t0 = time.perf_counter()
-        cfg = b.feature_config("ddpm", lay, ts)
         pipe, source, cfg = ensemble_pipe(b, "ddpm", a.sweep_n, 0, cfg_override=cfg, tag=f"_sweep_{tag}")
         m = b.scores(b.predict_store(pipe, b.val_store(source, cfg)))
-        b.record("sweep", a.sweep_n, 0, m, time.perf_counter() - t0, tag=tag)
+        b.record("sweep", a.sweep_n, 0, m, time.perf_counter() - t0, tag=tag, features=cfg)
     return configs
 
 
@@ -346,19 +400,20 @@ def render_table(b: Bench, elapsed: float) -> str:
     a = b.args
     sizes = [int(x) for x in a.sizes.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
-    tables = []
+    tables, secs = [], []
+    done = {(row, n, s): b.get(row, n, s) for row in ROWS for n in sizes for s in seeds}
     for metric, title in zip(METRICS, ("fine mIoU", "coarse-group mIoU", "foreground IoU"), strict=True):
         body = []
         for row in ROWS:
             cells = []
             for n in sizes:
-                vals = [b.done[(row, n, s, "")][metric] for s in seeds if (row, n, s, "") in b.done]
+                vals = [done[row, n, s][metric] for s in seeds if done[row, n, s] is not None]
                 cells.append(mean_std(vals) if vals else "-")
             if any(c != "-" for c in cells):
                 body.append([ROW_LABELS[row], *cells])
         tables += [f"**{title}** (percent; mean ± std over seeds {', '.join(map(str, seeds))})", "",
                    markdown_table(["method", *[f"N={n}" for n in sizes]], body), ""]  # fmt: skip
-    secs = [r["seconds"] for r in b.done.values() if r["row"] != "sweep"]
+    secs = [r["seconds"] for r in done.values() if r is not None]
     return "\n".join(
         [
             "## DDPM-Segmentation on FashionScenes",
@@ -366,7 +421,8 @@ def render_table(b: Bench, elapsed: float) -> str:
             provenance(threads=1),
             f"- data: `{b.data}`, val: first {len(b.val_images)} scenes; N labelled train scenes drawn "
             "per seed (`numpy.random.default_rng(seed).choice`, as the baselines)",
-            f"- backbone: `{a.backbone or 'shipped mini-SD'}`; blocks {a.layers}; timesteps {a.timesteps}; "
+            f"- backbone: `{a.backbone or 'shipped mini-SD'}` (weights {b.backbone_fingerprint}); "
+            f"blocks {a.layers}; timesteps {a.timesteps}; "
             f"ensemble of {a.num_models} MLPs"
             + (
                 f", capped at {a.max_iterations} iterations each"
@@ -386,7 +442,7 @@ def render_sweep(b: Bench, configs) -> str:
     rows, best = [], None
     for lay, ts in configs:
         tag = f"{'+'.join(x.split('.')[-1] for x in lay)}@{','.join(map(str, ts))}"
-        r = b.done.get(("sweep", b.args.sweep_n, 0, tag))
+        r = b.get("sweep", b.args.sweep_n, 0, tag, features=b.feature_config("ddpm", lay, ts))
         if r:
             rows.append([", ".join(lay), ", ".join(map(str, ts)), *(f"{r[m]:.1f}" for m in METRICS)])
             best = max(best or (r["mIoU"], lay, ts), (r["mIoU"], lay, ts), key=lambda v: v[0])
@@ -432,6 +488,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="measure blocks × timesteps instead of the table")
     p.add_argument("--sweep-n", type=int, default=10)
     p.add_argument("--work-dir", default="runs/ddpmseg-fashion")
+    p.add_argument("--records-dir", default=str(RECORDS_DIR), help="finished cells (commit them)")
+    p.add_argument("--no-records", action="store_true", help="keep the cell records in WORK/records instead")
     p.add_argument("--out", default=str(RESULTS_MD))
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -51,3 +51,19 @@ def test_record_round_trip_and_signature_mismatch(common, tmp_path: Path) -> Non
     assert {"date", "machine"} <= set(saved)
     with pytest.raises(ValueError, match="plain file names"):
         common.save_record("bench", "../x", sig, {}, root)
+
+
+def test_model_fingerprint_follows_the_weights_not_the_path(common, tmp_path: Path) -> None:
+    a, b = tmp_path / "a" / "unet", tmp_path / "b" / "unet"
+    for folder in (a, b):
+        folder.mkdir(parents=True)
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"weights-1")
+        (folder / "config.json").write_text("{}")
+    fa, fb = common.model_fingerprint(a.parent), common.model_fingerprint(b.parent)
+    assert fa == fb and fa.startswith("sha256:")
+    (b / "diffusion_pytorch_model.safetensors").write_bytes(b"weights-2")  # retrained in place
+    assert common.model_fingerprint(b.parent) != fa
+    assert common.model_fingerprint("random:mini-sd") == "random:mini-sd"
+    assert common.model_fingerprint(None, default=a.parent) == fa  # None -> the shipped default
+    assert common.record_key("ddpm+aug", "n10", "s0", "") == "ddpm-aug_n10_s0"
+    assert common.record_key("sweep", "n10", "s0", "up1+up2@50,150") == "sweep_n10_s0_up1-up2-50-150"
