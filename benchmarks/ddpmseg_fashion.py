@@ -266,12 +266,10 @@ def labelled(b: Bench, n: int, seed: int) -> tuple[list[np.ndarray], list[np.nda
 def ensemble_pipe(b: Bench, row: str, n: int, seed: int, cfg_override=None, tag: str = ""):
     """Train (or reload) the ensemble of a row; checkpoints live in WORK/ckpt/<row>_n<N>_s<seed><tag>."""
     from diffuseg.methods.ddpm_seg import DDPMSegPipeline
-    from diffuseg.train.ddpm_seg import fit_ddpm_seg
+    from diffuseg.train.ddpm_seg import config_fingerprint, fit_ddpm_seg
 
     key = "ddpm" if row.startswith("ddpm") else row
     source, cfg = b.source(key, cfg_override)
-    from diffuseg.train.ddpm_seg import config_fingerprint
-
     # named by the cell's signature: a retrained backbone at the same path never reuses stale models
     sig = config_fingerprint(b.signature(row, n, seed, cfg_override))
     ckpt = b.work / "ckpt" / f"{row}_n{n}_s{seed}{tag}_{sig}"
@@ -400,7 +398,7 @@ def render_table(b: Bench, elapsed: float) -> str:
     a = b.args
     sizes = [int(x) for x in a.sizes.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
-    tables, secs = [], []
+    tables = []
     done = {(row, n, s): b.get(row, n, s) for row in ROWS for n in sizes for s in seeds}
     for metric, title in zip(METRICS, ("fine mIoU", "coarse-group mIoU", "foreground IoU"), strict=True):
         body = []
