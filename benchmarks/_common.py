@@ -210,6 +210,18 @@ def load_record(bench: str, key: str, signature: dict, root: Path = RECORDS_DIR)
     return saved["result"]
 
 
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """Write a benchmark's machine-readable result atomically, with date and machine (model cards read it)."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "w") as f:
+        json.dump({"date": today(), "machine": machine_info(1), **payload}, f, indent=1, default=str)
+        f.write("\n")
+    return path
+
+
 def save_record(bench: str, key: str, signature: dict, result: dict, root: Path = RECORDS_DIR) -> Path:
     """Write one cell's result with its signature, date and machine (atomically)."""
     import json

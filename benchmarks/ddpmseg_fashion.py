@@ -57,6 +57,7 @@ from _common import (
     provenance,
     record_key,
     save_record,
+    write_json,
     write_results_section,
 )
 
@@ -436,6 +437,17 @@ def render_table(b: Bench, elapsed: float) -> str:
     )
 
 
+def table_json(b: Bench) -> dict:
+    """``{row: {N: {metric: [per-seed values]}}}`` of the finished cells, with the backbone's weights hash."""
+    cells: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for row in ROWS:
+        for n in (int(x) for x in b.args.sizes.split(",")):
+            done = [r for s in b.args.seeds.split(",") if (r := b.get(row, n, int(s))) is not None]
+            if done:
+                cells.setdefault(row, {})[str(n)] = {m: [float(r[m]) for r in done] for m in METRICS}
+    return {"backbone": b.args.backbone, "backbone_weights": b.backbone_fingerprint, "cells": cells}
+
+
 def render_sweep(b: Bench, configs) -> str:
     rows, best = [], None
     for lay, ts in configs:
@@ -490,6 +502,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-records", action="store_true", help="keep the cell records in WORK/records instead")
     p.add_argument("--out", default=str(RESULTS_MD))
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--json-out", type=Path, help="also write the finished cells as JSON (for model cards)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -505,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         run_table(b)
         body, section = render_table(b, time.perf_counter() - t0), SECTION_ID
+        if args.json_out:
+            write_json(args.json_out, table_json(b))
     if args.no_write:
         sys.stdout.write(body + "\n")
     else:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import RESULTS_MD, markdown_table, provenance, write_results_section
+from _common import RESULTS_MD, markdown_table, provenance, write_json, write_results_section
 from baselines_fashion import kmeans_image, score_unsupervised
 from diffuseg.eval.runner import load_meta
 from diffuseg.io import read_image, read_label
@@ -44,14 +44,21 @@ def capture(pipe, images: np.ndarray, timestep: int, batch: int = 50) -> dict[in
     return {s: torch.cat(v) for s, v in parts.items()}
 
 
-def segment(maps: dict[int, torch.Tensor], mode: str, value: float, out: int, kmeans=None) -> np.ndarray:
+def segment(
+    maps: dict[int, torch.Tensor], mode: str, value: float, out: int, kmeans=None, refine: bool = False
+) -> np.ndarray:
     from diffuseg.methods.diffseg import aggregate_attention, kmeans_attention, segment_attention
 
     four = {s: m[:, None] for s, m in maps.items()}
     if kmeans is not None:
         return kmeans_attention(aggregate_attention(four), kmeans, 0, output_size=out)
     return segment_attention(
-        four, kl_threshold=[value] * 3, num_points=min(16, max(maps)), output_size=out, threshold_mode=mode
+        four,
+        kl_threshold=[value] * 3,
+        num_points=min(16, max(maps)),
+        output_size=out,
+        threshold_mode=mode,
+        refine=refine,
     )
 
 
@@ -59,19 +66,18 @@ def sweep(pipe, images, labels, num_classes, timesteps, grid) -> list[dict]:
     rows = []
     for t in timesteps:
         maps = capture(pipe, images, t)
-        for mode, value in grid:
-            pred = segment(maps, mode, value, labels.shape[-1])
+        for mode, value, refine in grid:
+            pred = segment(maps, mode, value, labels.shape[-1], refine=refine)
             s = score_unsupervised(pred, labels, num_classes, 255)
-            rows.append({"timestep": t, "mode": mode, "threshold": value, **s})
+            rows.append({"timestep": t, "mode": mode, "threshold": value, "refine": refine, **s})
     return rows
 
 
-def evaluate(pipe, images, labels, num_classes, t, mode, value, k_mean) -> dict[str, dict]:
+def evaluate(pipe, images, labels, num_classes, t, mode, value, k_mean, refine=False) -> dict[str, dict]:
     maps = capture(pipe, images, t)
     started = time.perf_counter()
-    out = {
-        "DiffSeg": score_unsupervised(segment(maps, mode, value, labels.shape[-1]), labels, num_classes, 255)
-    }
+    pred = segment(maps, mode, value, labels.shape[-1], refine=refine)
+    out = {"DiffSeg": score_unsupervised(pred, labels, num_classes, 255)}
     out["DiffSeg"]["post_s_per_image"] = (time.perf_counter() - started) / len(images)
     true_k = [max(1, len(np.setdiff1d(np.unique(lab), [255]))) for lab in labels]
     out["K-means-C (attention)"] = score_unsupervised(
@@ -83,12 +89,12 @@ def evaluate(pipe, images, labels, num_classes, t, mode, value, k_mean) -> dict[
     return out
 
 
-def figure(pipe, images, labels, t, mode, value, meta, n: int = 6) -> None:
+def figure(pipe, images, labels, t, mode, value, meta, refine: bool = False, n: int = 6) -> None:
     from diffuseg.io import write_image
     from diffuseg.viz import colorize, image_grid, upscale_nearest
 
     maps = capture(pipe, images[:n], t)
-    seg = segment(maps, mode, value, labels.shape[-1])
+    seg = segment(maps, mode, value, labels.shape[-1], refine=refine)
     pal = meta["palette"]
     seg_pal = [[int(c) for c in np.random.default_rng(i).integers(40, 255, 3)] for i in range(64)]
     tiles = []
@@ -114,9 +120,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-val", type=int, default=300)
     p.add_argument("--num-tune", type=int, default=200, help="training scenes used for the sweep")
     p.add_argument("--timesteps", default="100,300,500")
-    p.add_argument("--relative", default="0.05,0.1,0.2,0.3,0.4")
+    p.add_argument("--relative", default="0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7")
+    p.add_argument(
+        "--refine",
+        choices=("no", "yes", "both"),
+        default="both",
+        help="sweep the original demo's K-means refinement of the final proposals",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--defaults-out", type=Path, help="write the chosen defaults as JSON here")
+    p.add_argument("--json-out", type=Path, help="also write every table row as JSON (model cards read it)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -132,19 +145,27 @@ def main(argv: list[str] | None = None) -> None:
     val_x, val_y = load(args.data, "val", args.num_val)
     k_mean = int(round(np.mean([len(np.setdiff1d(np.unique(v), [255])) for v in val_y])))
     trained = DiffSegPipeline.from_pretrained(args.backbone)
-    grid = [("relative", float(q)) for q in args.relative.split(",")]
+    refines = {"no": [False], "yes": [True], "both": [False, True]}[args.refine]
+    grid = [("relative", float(q), r) for r in refines for q in args.relative.split(",")]
     rows = sweep(trained, tune_x, tune_y, n_cls, [int(t) for t in args.timesteps.split(",")], grid)
     best = max(rows, key=lambda r: r["per_image_mIoU"])
-    t, mode, value = best["timestep"], best["mode"], best["threshold"]
+    t, mode, value, refine = best["timestep"], best["mode"], best["threshold"], best["refine"]
 
-    results = evaluate(trained, val_x, val_y, n_cls, t, mode, value, k_mean)
+    results = evaluate(trained, val_x, val_y, n_cls, t, mode, value, k_mean, refine)
+    unrefined = [r for r in rows if not r["refine"]]
+    if refine and unrefined:  # the plain algorithm's own best setting, for the record
+        b0 = max(unrefined, key=lambda r: r["per_image_mIoU"])
+        plain = evaluate(trained, val_x, val_y, n_cls, b0["timestep"], b0["mode"], b0["threshold"], k_mean)
+        results[f"DiffSeg without refinement ({b0['mode']} τ={b0['threshold']}, t={b0['timestep']})"] = plain[
+            "DiffSeg"
+        ]
     torch.manual_seed(0)
     control_bb = LatentDiffusionBackbone.from_pretrained(args.backbone)
     from diffusers import UNet2DConditionModel
 
     control_bb.unet = UNet2DConditionModel(**MINI_SD["unet"]).eval()
     control = evaluate(
-        DiffSegPipeline(control_bb, trained.config), val_x, val_y, n_cls, t, mode, value, k_mean
+        DiffSegPipeline(control_bb, trained.config), val_x, val_y, n_cls, t, mode, value, k_mean, refine
     )
     rgb = {}
     for name, ks in (
@@ -160,10 +181,25 @@ def main(argv: list[str] | None = None) -> None:
         "timestep": t,
         "num_points": 16,
         "output_size": int(val_y.shape[-1]),
+        "refine": bool(refine),
     }
     if args.defaults_out:
         args.defaults_out.write_text(json.dumps(defaults, indent=2))
-    table = [[f"**DiffSeg** ({mode} τ={value}, t={t})", *fmt(results["DiffSeg"])]]
+    if args.json_out:
+        write_json(
+            args.json_out,
+            {
+                "backbone": args.backbone,
+                "num_val": args.num_val,
+                "defaults": defaults,
+                "results": results,
+                "rgb": rgb,
+                "control": control,
+                "sweep": rows,
+            },
+        )
+    chosen = f"{mode} τ={value}, t={t}" + (", K-means refinement" if refine else "")
+    table = [[f"**DiffSeg** ({chosen})", *fmt(results["DiffSeg"])]]
     table += [[k, *fmt(v)] for k, v in results.items() if k != "DiffSeg"]
     table += [[k, *fmt(v)] for k, v in rgb.items()]
     table += [[f"control: random-init UNet, {k}", *fmt(v)] for k, v in control.items()]
@@ -171,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         [
             r["timestep"],
             f"{r['mode']} {r['threshold']}",
+            "yes" if r["refine"] else "no",
             f"{r['segments']:.2f}",
             f"{r['per_image_mIoU']:.1f}",
             f"{r['dataset_mIoU']:.1f}",
@@ -202,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
             "Sweep (train scenes; the best per-image mIoU picks the defaults stored in the checkpoint):",
             "",
             markdown_table(
-                ["timestep", "threshold", "segments/img", "mIoU (per image)", "mIoU (dataset)"], sweep_rows
+                ["timestep", "threshold", "refine", "segments/img", "mIoU (per image)", "mIoU (dataset)"],
+                sweep_rows,
             ),
             "",
             f"Examples (image | ground truth | DiffSeg segments): ![diffseg](figures/{FIGURE.name})",
@@ -211,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_write:
         print(body)
     else:
-        figure(trained, val_x, val_y, t, mode, value, meta)
+        figure(trained, val_x, val_y, t, mode, value, meta, refine)
         write_results_section(SECTION, body)
         print(f"wrote {RESULTS_MD} and {FIGURE}")
 

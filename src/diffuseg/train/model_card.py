@@ -19,7 +19,7 @@ from diffuseg.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_log", "ship_backbone"]
+__all__ = ["backbone_gate", "read_log", "ship_backbone"]
 
 SAMPLE_PROMPTS = (
     "a red sandal on grass",
@@ -65,6 +65,45 @@ def _samples(backbone, path: Path, prompts: tuple[str, ...], steps: int, seed: i
 
 def _table(rows: dict[str, Any]) -> str:
     return "\n".join(["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows.items()])
+
+
+def backbone_gate(diffseg: dict[str, Any], ddpmseg: dict[str, Any], num_labels: int = 50) -> tuple[str, bool]:
+    """The backbone quality gate as a markdown table, and whether every check holds.
+
+    ``diffseg`` is the ``--json-out`` of ``benchmarks/diffseg_fashion.py``, ``ddpmseg`` that of
+    ``benchmarks/ddpmseg_fashion.py`` (rows ``ddpm``, ``rgbxy`` and ``random`` at ``num_labels``).
+    The checks are strict: DiffSeg must beat the *better* of the two RGB K-means floors, and the
+    pixel classifier the RGB+xy one on the seed mean of both fine and coarse mIoU.
+    """
+    rows, holds = [], []
+    ds = diffseg["results"]["DiffSeg"]["per_image_mIoU"]
+    floor_name, floor = max(
+        ((k, v["per_image_mIoU"]) for k, v in diffseg["rgb"].items()), key=lambda kv: kv[1]
+    )
+    control = diffseg["control"]["DiffSeg"]["per_image_mIoU"]
+    holds.append(ds > floor)
+    rows.append(
+        f"| DiffSeg on self-attention, per-image mIoU ({diffseg['num_val']} val scenes) | {ds:.1f} "
+        f"| {floor:.1f} ({floor_name}) | {control:.1f} | {'yes' if holds[-1] else '**no**'} |"
+    )
+    cells = ddpmseg["cells"]
+    n = str(num_labels)
+    for row in ("ddpm", "rgbxy"):
+        if n not in cells.get(row, {}):
+            raise ValueError(
+                f"the DDPM-seg results have no {row!r} cells at N={n}; run benchmarks/ddpmseg_fashion.py"
+            )
+    for metric, title in (("mIoU", "fine"), ("coarse_mIoU", "coarse")):
+        ours, base = cells["ddpm"][n][metric], cells["rgbxy"][n][metric]
+        rand = cells.get("random", {}).get(n, {}).get(metric)
+        holds.append(float(np.mean(ours)) > float(np.mean(base)))
+        rows.append(
+            f"| pixel classifier on its features, {title} mIoU, N={n} ({len(ours)} seeds) "
+            f"| {np.mean(ours):.1f} ± {np.std(ours):.1f} | {np.mean(base):.1f} ± {np.std(base):.1f} (RGB+xy) "
+            f"| {f'{np.mean(rand):.1f}' if rand else '-'} | {'yes' if holds[-1] else '**no**'} |"
+        )
+    head = "| check | this backbone | floor | random-init control | holds |\n|---|---|---|---|---|"
+    return "\n".join([head, *rows]), all(holds)
 
 
 def ship_backbone(

@@ -1,0 +1,112 @@
+"""Ship the embedded mini-SD as ``checkpoints/mini-sd``: the exported EMA weights, the DiffSeg defaults
+chosen by the sweep, and a model card with the quality gate measured on this very export.
+
+    python benchmarks/diffseg_fashion.py --backbone RUNS/mini-sd-export --data D \\
+        --defaults-out RUNS/diffseg_defaults.json --json-out RUNS/gate/diffseg.json
+    python benchmarks/ddpmseg_fashion.py --data D --backbone RUNS/mini-sd-export --rows ddpm,rgbxy,random \\
+        --sizes 50 --max-iterations 5000 --json-out RUNS/gate/ddpmseg.json
+    python scripts/ship_mini_sd.py --export RUNS/mini-sd-export --unet-run RUNS/mini-sd-unet --data D \\
+        --diffseg RUNS/gate/diffseg.json --ddpmseg RUNS/gate/ddpmseg.json
+
+The card is written into a temporary folder that replaces ``--out`` only when complete, so a failed
+or interrupted shipment never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_COMMAND = """diffuseg data fashion-scenes --out {data} --num-train 20000 --num-val 500 --seed 0
+# stage 1 (finished, checkpoints/mini-sd-vae has its own card)
+diffuseg train vae --data {data} --out RUNS/mini-sd-vae --config configs/mini-sd.yaml
+# stage 2, resumable chunks on one CPU thread (carried between machines by scripts/carry.sh)
+OMP_NUM_THREADS=1 diffuseg train mini-sd --data {data} --vae checkpoints/mini-sd-vae \\
+    --out RUNS/mini-sd-unet --max-minutes 135 --export RUNS/mini-sd-export
+# the gate and the DiffSeg defaults, measured on the export, then this card
+python benchmarks/diffseg_fashion.py --backbone RUNS/mini-sd-export --data {data} \\
+    --defaults-out RUNS/diffseg_defaults.json --json-out RUNS/gate/diffseg.json
+python benchmarks/ddpmseg_fashion.py --data {data} --backbone RUNS/mini-sd-export \\
+    --rows ddpm,rgbxy,random --sizes 50 --max-iterations 5000 --json-out RUNS/gate/ddpmseg.json
+python scripts/ship_mini_sd.py --export RUNS/mini-sd-export --unet-run RUNS/mini-sd-unet --data {data} \\
+    --diffseg RUNS/gate/diffseg.json --ddpmseg RUNS/gate/ddpmseg.json"""
+
+
+def vae_psnr(backbone, data: Path, num: int = 256) -> float:
+    """Reconstruction PSNR of the shipped (fp16-stored) VAE on the first ``num`` val scenes."""
+    from diffuseg.train.latent_diffusion import load_image_array, psnr
+
+    x = torch.from_numpy(load_image_array(data, "val", num)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    vae, total = backbone.vae, 0.0
+    with torch.no_grad():
+        for chunk in x.split(64):
+            rec = vae.decode(vae.encode(chunk).latent_dist.mean).sample
+            total += psnr(rec, chunk) * len(chunk)
+    return total / len(x)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from diffuseg.backbones.latent import LatentDiffusionBackbone
+    from diffuseg.train.model_card import backbone_gate, read_log, ship_backbone
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--export", type=Path, required=True, help="exported backbone folder (EMA weights)")
+    p.add_argument("--unet-run", type=Path, required=True, help="the UNet run folder (its log.jsonl)")
+    p.add_argument("--data", type=Path, required=True, help="FashionScenes folder (VAE PSNR on val)")
+    p.add_argument("--diffseg", type=Path, required=True, help="--json-out of benchmarks/diffseg_fashion.py")
+    p.add_argument("--ddpmseg", type=Path, required=True, help="--json-out of benchmarks/ddpmseg_fashion.py")
+    p.add_argument("--out", type=Path, default=REPO / "checkpoints" / "mini-sd")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+
+    diffseg, ddpmseg = json.loads(args.diffseg.read_text()), json.loads(args.ddpmseg.read_text())
+    for name, res in (("diffseg", diffseg), ("ddpmseg", ddpmseg)):
+        if Path(res["backbone"]).resolve() != args.export.resolve():
+            raise SystemExit(f"--{name} was measured on {res['backbone']}, not on --export {args.export}")
+    gate, holds = backbone_gate(diffseg, ddpmseg)
+    backbone = LatentDiffusionBackbone.from_pretrained(args.export)
+    backbone.config.method_defaults["diffseg"] = dict(diffseg["defaults"])
+    steps = read_log(args.unet_run, "train")[-1]["step"]
+    probes = read_log(args.unet_run, "eval")
+    metrics = {
+        "VAE reconstruction PSNR, 256 FashionScenes val scenes (dB)": f"{vae_psnr(backbone, args.data):.2f}",
+        "UNet training steps (batch 32)": steps,
+        "DiffSeg defaults (chosen on train scenes)": json.dumps(diffseg["defaults"]),
+    }
+    for r in probes:
+        metrics[f"probe at step {r['step']}: attention entropy 16² / 8², DiffSeg mIoU (q 0.2)"] = (
+            f"{r['attn_entropy_16']:.3f} / {r['attn_entropy_8']:.3f}, {r['diffseg_mIoU_q0.2']:.1f}"
+        )
+    status = (
+        f"shipped default backbone, step {steps}; the quality gate holds"
+        if holds
+        else f"step {steps}; the quality gate does NOT hold yet (see below)"
+    )
+    tmp = args.out.with_name(args.out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ship_backbone(
+        backbone,
+        tmp,
+        command=TRAIN_COMMAND.format(data=args.data),
+        data=f"FashionScenes `{args.data}` (20,000 train / 500 val scenes, seed 0)",
+        runs={"UNet (stage 2)": args.unet_run},
+        metrics=metrics,
+        status=status,
+        gate=gate
+        + f"\n\nMeasured {diffseg['date']} ({diffseg['machine']}); the full tables are in docs/results.md.",
+    )
+    shutil.rmtree(args.out, ignore_errors=True)
+    tmp.rename(args.out)
+    logging.info("shipped %s (gate %s)", args.out, "holds" if holds else "not met")
+
+
+if __name__ == "__main__":
+    main()
