@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffuseg.io import atomic_write
+from diffuseg.io import atomic_write, weights_fingerprint
 
 RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 
@@ -162,22 +162,11 @@ def model_fingerprint(spec: str | os.PathLike | None, default: str | os.PathLike
     (a hub id, ``random:<preset>``), returned as it is. A folder's ``*.safetensors`` / ``*.bin`` files
     are hashed in sorted order, so retraining a backbone invalidates every record that used it.
     """
-    import hashlib
-
     target = spec if spec is not None else default
     path = Path(target) if target is not None else None
     if path is None or not path.is_dir():
         return str(target)
-    files = sorted(f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file())
-    if not files:
-        return str(target)
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.relative_to(path).as_posix().encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return f"sha256:{digest.hexdigest()[:16]}"
+    return weights_fingerprint(path) or str(target)
 
 
 def record_key(*parts: object) -> str:

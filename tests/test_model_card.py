@@ -84,46 +84,53 @@ def test_backbone_gate_is_strict():
 
 
 def test_ship_mini_sd_script(tmp_path):
-    """The shipping script stores the DiffSeg defaults, writes the gate into the card, replaces atomically."""
+    """Weights step, then the card step: defaults stored, gate in the card, weights unchanged, atomic."""
     import importlib.util
 
     from diffuseg.data.fashion_scenes import generate_fashion_scenes
+    from diffuseg.io import weights_fingerprint
 
+    spec = importlib.util.spec_from_file_location("ship_mini_sd", REPO / "scripts" / "ship_mini_sd.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     data = generate_fashion_scenes(tmp_path / "data", 4, 3, seed=0, size=64, progress=False)
     export = tmp_path / "export"
     tiny_sd_backbone(tmp_path).save_pretrained(export)
+    out = tmp_path / "ckpt" / "mini-sd"
+    out.mkdir(parents=True)
+    (out / "stale.txt").write_text("old")
+    mod.main(["--export", str(export), "--out", str(out)])  # step 1: fp16 weights only
+    assert not (out / "stale.txt").exists() and not (out / "README.md").exists()
+    weights = weights_fingerprint(out)
+    assert weights != weights_fingerprint(export)  # fp32 -> fp16
+
     run = tmp_path / "run"
     run.mkdir()
     rows = [{"kind": "train", "step": s, "loss": 1.0 / s, "time": 10.0 * s} for s in (1, 2)]
     rows.append(
-        {
-            "kind": "eval",
-            "step": 2,
-            "attn_entropy_16": 0.99,
-            "attn_entropy_8": 0.95,
-            "diffseg_mIoU_q0.2": 24.0,
-        }
+        {"kind": "eval", "step": 2, "attn_entropy_16": 0.99, "attn_entropy_8": 0.9, "diffseg_mIoU_q0.2": 24.0}
     )
     (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    diffseg, ddpm = _gate_inputs(29.4, [20.0, 22.0], export=str(export))
+    diffseg, ddpm = _gate_inputs(29.4, [20.0, 22.0], export=str(out))
+    ddpm["backbone_weights"] = weights
     (tmp_path / "d.json").write_text(json.dumps(diffseg))
     (tmp_path / "p.json").write_text(json.dumps(ddpm))
-    out = tmp_path / "ckpt" / "mini-sd"
-    out.mkdir(parents=True)
-    (out / "stale.txt").write_text("old")
-    spec = importlib.util.spec_from_file_location("ship_mini_sd", REPO / "scripts" / "ship_mini_sd.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    argv = ["--export", str(export), "--unet-run", str(run), "--data", str(data)]
-    argv += ["--diffseg", str(tmp_path / "d.json"), "--ddpmseg", str(tmp_path / "p.json"), "--out", str(out)]
-    mod.main(argv)
+    argv = ["--out", str(out), "--unet-run", str(run), "--data", str(data)]
+    argv += ["--diffseg", str(tmp_path / "d.json"), "--ddpmseg", str(tmp_path / "p.json")]
+    mod.main(argv)  # step 3: defaults + card
     card = (out / "README.md").read_text()
     assert "the quality gate holds" in card and "29.4" in card and "VAE reconstruction PSNR" in card
-    assert not (out / "stale.txt").exists() and not out.with_name("mini-sd.partial").exists()
+    assert weights_fingerprint(out) == weights and not out.with_name("mini-sd.partial").exists()
     loaded = LatentDiffusionBackbone.from_pretrained(out)
     assert loaded.config.method_defaults["diffseg"]["timestep"] == 100
-    # results measured on another export are refused
-    diffseg["backbone"] = str(tmp_path / "other")
-    (tmp_path / "d.json").write_text(json.dumps(diffseg))
-    with pytest.raises(SystemExit, match="not on --export"):
+    # results measured on other weights or another folder are refused, and the card step needs its inputs
+    ddpm["backbone_weights"] = "sha256:0"
+    (tmp_path / "p.json").write_text(json.dumps(ddpm))
+    with pytest.raises(SystemExit, match="measured on weights"):
         mod.main(argv)
+    diffseg["backbone"] = str(export)
+    (tmp_path / "d.json").write_text(json.dumps(diffseg))
+    with pytest.raises(SystemExit, match="not on"):
+        mod.main(argv)
+    with pytest.raises(SystemExit):
+        mod.main(["--out", str(out)])

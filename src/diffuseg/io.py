@@ -198,3 +198,23 @@ def default_palette(n: int, seed: int = 0) -> list[list[int]]:
             c >>= 3
         pal.append([r, g, b])
     return pal
+
+
+def weights_fingerprint(folder: str | os.PathLike) -> str | None:
+    """``sha256:<16 hex>`` of a model folder's weight files (``*.safetensors``/``*.bin``, sorted by
+    relative path), or ``None`` when it holds none. What identifies a model across machines and
+    copies, where a path does not: benchmark records and model cards are keyed by it.
+    """
+    import hashlib
+
+    path = Path(folder)
+    files = sorted(f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file())
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(path).as_posix().encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()[:16]}"
