@@ -24,7 +24,7 @@ command_for() {  # NAME MINUTES -> the training command
     esda) echo "diffuseg train esda --data $DATA --out $RUNS/esda --threads 1 --max-minutes $m --set train.max_steps=4500" ;;
     zs3d) echo "diffuseg train zs3d --data $DATA --out $RUNS/zs3d --max-minutes $m" ;;
     zs3d-spnet) echo "diffuseg train zs3d --baseline --data $DATA --out $RUNS/zs3d-spnet --max-minutes $m" ;;
-    seg-diffusion) echo "diffuseg train seg-diffusion --data $DATA --backbone $RUNS/mini-sd-export --out $RUNS/seg-diffusion --max-minutes $m --export $RUNS/seg-diffusion-export" ;;
+    seg-diffusion) echo "diffuseg train seg-diffusion --data $DATA --backbone checkpoints/mini-sd --out $RUNS/seg-diffusion --max-minutes $m --export $RUNS/seg-diffusion-export" ;;
     *) echo "unknown run '$1' (mini-sd-unet, esda, zs3d, zs3d-spnet, seg-diffusion)" >&2; return 2 ;;
   esac
 }
