@@ -695,11 +695,14 @@ class DDPMSegPipeline:
 
     @torch.no_grad()
     def _project(self, groups: Sequence[np.ndarray], w: torch.Tensor) -> list[np.ndarray]:
-        """Apply every member's first layer to each group at its native resolution → float32 maps."""
+        """Apply every member's first layer to each group at its native resolution → float32 maps.
+
+        Read-only (memory-mapped) groups are copied one group at a time: torch cannot wrap them.
+        """
         out, col = [], 0
         for g in groups:
             b, h, wd, c = g.shape
-            f = torch.from_numpy(np.ascontiguousarray(g)).reshape(-1, c).to(w.device).float()
+            f = torch.from_numpy(np.require(g, requirements=("C", "W"))).reshape(-1, c).to(w.device).float()
             out.append((f @ w[:, col : col + c].T).reshape(b, h, wd, -1).cpu().numpy())
             col += c
         return out
