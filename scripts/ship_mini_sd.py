@@ -53,22 +53,10 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def vae_psnr(backbone, data: Path, num: int = 256) -> float:
-    """Reconstruction PSNR of the shipped (fp16-stored) VAE on the first ``num`` val scenes."""
-    from diffuseg.train.latent_diffusion import load_image_array, psnr
-
-    x = torch.from_numpy(load_image_array(data, "val", num)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    vae, total = backbone.vae, 0.0
-    with torch.no_grad():
-        for chunk in x.split(64):
-            rec = vae.decode(vae.encode(chunk).latent_dist.mean).sample
-            total += psnr(rec, chunk) * len(chunk)
-    return total / len(x)
-
-
 def main(argv: list[str] | None = None) -> None:
     from diffuseg.backbones.latent import LatentDiffusionBackbone
     from diffuseg.io import weights_fingerprint
+    from diffuseg.train.latent_diffusion import load_image_array, reconstruction_psnr
     from diffuseg.train.model_card import backbone_gate, read_log, ship_backbone
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -109,8 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     backbone = LatentDiffusionBackbone.from_pretrained(args.out)
     backbone.config.method_defaults["diffseg"] = dict(diffseg["defaults"])
     steps = read_log(args.unet_run, "train")[-1]["step"]
+    psnr_db = reconstruction_psnr(backbone.vae, load_image_array(args.data, "val", 256))
     metrics = {
-        "VAE reconstruction PSNR, 256 FashionScenes val scenes (dB)": f"{vae_psnr(backbone, args.data):.2f}",
+        "VAE reconstruction PSNR, 256 FashionScenes val scenes (dB)": f"{psnr_db:.2f}",
         "UNet training steps (batch 32)": steps,
         "DiffSeg defaults (chosen on train scenes)": json.dumps(diffseg["defaults"]),
     }

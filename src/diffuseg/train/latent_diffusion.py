@@ -94,6 +94,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((10 * torch.log10(4.0 / mse)).mean())
 
 
+@torch.no_grad()
+def reconstruction_psnr(vae: nn.Module, images: np.ndarray, batch: int = 64) -> float:
+    """Mean PSNR (dB) of ``vae`` reconstructing uint8 ``(N, H, W, 3)`` images from the posterior mean."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    total = 0.0
+    for chunk in x.split(batch):
+        total += psnr(vae.decode(vae.encode(chunk).latent_dist.mean).sample, chunk) * len(chunk)
+    return total / len(x)
+
+
 class VAETask:
     """Train an ``AutoencoderKL`` from scratch on the images of a dataset folder."""
 
@@ -129,14 +139,8 @@ class VAETask:
         loss = l1 + mse + self.kl_weight * kl
         return loss, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
-        x = torch.from_numpy(self.val_images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        scores = []
-        for chunk in x.split(64):
-            rec = model.decode(model.encode(chunk).latent_dist.mean).sample
-            scores.append(psnr(rec, chunk) * len(chunk))
-        return {"val_psnr": sum(scores) / len(x)}
+        return {"val_psnr": reconstruction_psnr(model, self.val_images)}
 
     def save_pretrained(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(Path(out_dir) / "vae", safe_serialization=True)
