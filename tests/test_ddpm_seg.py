@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from diffuseg.io import read_image
 from diffuseg.methods.ddpm_seg import (
     DDPMSegPipeline,
     DiffusionFeatures,
@@ -399,6 +400,8 @@ def test_cli_train_segment_evaluate(tmp_path, fashion, monkeypatch):
     assert cfg["training"]["stored_images"] == 6 and len(cfg["training"]["labelled_ids"]) == 3
     card = (ckpt / "README.md").read_text()
     assert "3 labelled images" in card and "Evaluation on" in card and (ckpt / "eval_val.json").is_file()
+    assert "- command: `diffuseg" in card  # sys.argv: pytest's own under CliRunner
+    assert "![sample](sample.png)" in card and read_image(ckpt / "sample.png").shape[2] == 3
     img = fashion / "img_dir" / "val"
     res = runner.invoke(app, ["segment", str(img), "--method", "ddpm-seg", "--checkpoint", str(ckpt),
                               "--out", str(tmp_path / "seg"), "-q"])  # fmt: skip

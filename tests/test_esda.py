@@ -32,7 +32,7 @@ from diffuseg.data.episodes import (
     scan_labels,
 )
 from diffuseg.data.specs import get_dataset_spec
-from diffuseg.io import write_image, write_json, write_label
+from diffuseg.io import read_image, write_image, write_json, write_label
 from diffuseg.methods.esda import (
     VARIANTS,
     ESDAModel,
@@ -627,8 +627,12 @@ def test_train_export_segment_and_evaluate_episodes(fashion_dir, text_dir, tmp_p
     monkeypatch.setitem(METHODS, "esda", ("diffuseg.methods.esda", "ESDAPipeline", False))
     sem = evaluate_pipeline(pipe, "esda", fashion_dir, progress=False)
     assert sem["num_images"] == 3 and {"mIoU_seen", "mIoU_unseen", "hIoU"} <= set(sem["metrics"])
-    card = write_model_card(result.export_dir, "pytest", run_dir=tmp_path / "run", semantic_report=sem)
+    card = write_model_card(
+        result.export_dir, "pytest", run_dir=tmp_path / "run", semantic_report=sem, data_dir=fashion_dir
+    )
     assert "never trained on: coat, sandal" in card.read_text() and "3 steps" in card.read_text()
+    assert "![sample](sample.png)" in card.read_text()
+    assert read_image(result.export_dir / "sample.png").shape[2] == 3
     res = CliRunner().invoke(
         app,
         [

@@ -5,6 +5,8 @@ Heavy imports happen inside the commands so that ``diffuseg --help`` stays insta
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -118,6 +120,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
             train_ddpm_seg_folder(
                 data, num_labels, out, feat, ens, seed=s, work_dir=work_dir,
                 embed_backbone=embed_backbone, tta=tta, evaluate_split=evaluate, progress=not quiet,
+                command=shlex.join(["diffuseg", *sys.argv[1:]]),
             )  # fmt: skip
         except (FileNotFoundError, ValueError) as e:
             _fail(str(e))

@@ -78,7 +78,9 @@ def train_esda_command(
         import shlex
         import sys
 
-        write_model_card(result.export_dir, shlex.join(["diffuseg", *sys.argv[1:]]), run_dir=out)
+        write_model_card(
+            result.export_dir, shlex.join(["diffuseg", *sys.argv[1:]]), run_dir=out, data_dir=data
+        )
     typer.echo(
         f"step {result.step}, finished={result.finished}, last loss {result.last_loss}"
         + (f", model in {result.export_dir}" if result.export_dir else "")

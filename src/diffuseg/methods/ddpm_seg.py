@@ -566,12 +566,14 @@ class DDPMSegPipeline:
         out_dir: str | os.PathLike,
         embed_backbone: bool = False,
         evaluation: dict[str, Any] | None = None,
+        sample: str | None = None,
     ) -> Path:
         """Write ``config.json`` + ``ensemble/model.safetensors`` + a model card ``README.md``.
 
         Without ``embed_backbone`` the checkpoint refers to its backbone by the path / hub id in
         ``features.backbone`` (``null``: the shipped mini-SD), so checkpoints stay a few MB.
-        ``evaluation`` (a ``diffuseg evaluate`` report) is summarised in the card.
+        ``evaluation`` (a ``diffuseg evaluate`` report) is summarised in the card, and ``sample``
+        (a picture's file name inside ``out_dir``) is shown in it.
         """
         from safetensors.torch import save_file
 
@@ -590,7 +592,7 @@ class DDPMSegPipeline:
         with atomic_write(out / CONFIG_NAME, "w") as f:
             json.dump(self.config, f, indent=2)
         with atomic_write(out / "README.md", "w") as f:
-            f.write(model_card(self, evaluation))
+            f.write(model_card(self, evaluation, sample))
         return out
 
     def _embed_backbone(self, dest: Path) -> None:
@@ -806,7 +808,9 @@ class DDPMSegPipeline:
         )
 
 
-def model_card(pipe: DDPMSegPipeline, evaluation: dict[str, Any] | None = None) -> str:
+def model_card(
+    pipe: DDPMSegPipeline, evaluation: dict[str, Any] | None = None, sample: str | None = None
+) -> str:
     """A short model card: what the checkpoint is, how it was trained, and (if given) how it scores."""
     t, f = pipe.training, pipe.feature_config
     recipe = t.get("recipe", {})
@@ -827,11 +831,16 @@ def model_card(pipe: DDPMSegPipeline, evaluation: dict[str, Any] | None = None) 
         f"- training data: {t.get('num_labelled', '?')} labelled images from `{t.get('data', '?')}` "
         f"(selection seed {t.get('selection_seed', '?')}), {t.get('stored_images', '?')} after augmentation",
     ]
+    if t.get("command"):
+        lines.append(f"- command: `{t['command']}`")
     if evaluation:
         m = evaluation.get("metrics", {})
         shown = ", ".join(f"{k} {v:.1f}" for k, v in m.items() if isinstance(v, (int, float)))
         lines += ["", f"Evaluation on `{evaluation.get('dataset')}` / {evaluation.get('split')} "
                   f"({evaluation.get('num_images')} images): {shown}"]  # fmt: skip
+    if sample:
+        lines += ["", "Image | ground truth | prediction | ensemble disagreement (JS) on the first scenes "
+                  "of the evaluated split:", "", f"![sample]({sample})"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

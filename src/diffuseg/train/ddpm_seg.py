@@ -898,9 +898,11 @@ def train_ddpm_seg_folder(
     tta: bool = False,
     evaluate_split: str | None = None,
     progress: bool = True,
+    command: str | None = None,
 ) -> DDPMSegPipeline:
     """``diffuseg train ddpm-seg``: pick labelled scenes, train, save the pipeline to ``out``.
 
+    ``command`` (the command line that ran this) is recorded in the config and the model card.
     ``tta`` stores test-time augmentation as the checkpoint's default. ``evaluate_split`` (e.g.
     ``"val"``) scores the result on that split of ``data_dir`` and writes ``OUT/eval_<split>.json``
     and the numbers into the model card (needs ``ddpm-seg`` in the methods registry).
@@ -912,6 +914,8 @@ def train_ddpm_seg_folder(
     ids = select_labelled(data_dir, num_labels, seed)
     images, labels = load_labelled(data_dir, ids)
     prov = {"data": str(data_dir), "labelled_ids": ids, "selection_seed": seed, "dataset": meta.get("name")}
+    if command:
+        prov["command"] = command
     with tempfile.TemporaryDirectory(prefix="ddpm-seg-") as tmp:  # never inside the checkpoint folder
         work = Path(work_dir) if work_dir is not None else Path(tmp)
         pipe = _fit_and_save(
@@ -924,5 +928,8 @@ def train_ddpm_seg_folder(
             pipe, "ddpm-seg", data_dir, evaluate_split, json_out=Path(out) / f"eval_{evaluate_split}.json",
             progress=progress,
         )  # fmt: skip
-        pipe.save_pretrained(out, evaluation=report)
+        from diffuseg.train.model_card import sample_picture
+
+        sample = sample_picture(out, pipe, data_dir, pipe.class_names, split=evaluate_split)
+        pipe.save_pretrained(out, evaluation=report, sample=sample)
     return pipe

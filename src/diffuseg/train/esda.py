@@ -356,17 +356,28 @@ def train_esda(
     return train(task, TrainConfig.from_dict(train_cfg))
 
 
+def _card_sample(root: Path, data_dir: str | os.PathLike, class_names: Sequence[str]) -> str | None:
+    from diffuseg.methods.esda import ESDAPipeline
+    from diffuseg.train.model_card import sample_picture
+
+    pipe = ESDAPipeline.from_pretrained(root)
+    names = list(class_names)
+    return sample_picture(root, lambda image: pipe(image, class_names=names), data_dir, names)
+
+
 def write_model_card(
     checkpoint: str | os.PathLike,
     command: str,
     run_dir: str | os.PathLike | None = None,
     semantic_report: dict[str, Any] | None = None,
     episodic_reports: Sequence[dict[str, Any]] = (),
+    data_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``README.md`` beside an ESDA model folder: what it is, how it was trained, what it scores.
 
     ``run_dir``'s ``log.jsonl`` gives steps, time and the last losses; the reports are the JSON of
-    ``diffuseg evaluate`` (semantic) and ``diffuseg evaluate-episodes`` (one per fold).
+    ``diffuseg evaluate`` (semantic) and ``diffuseg evaluate-episodes`` (one per fold). With
+    ``data_dir``, ``sample.png`` shows the semantic protocol (all class names) on its first val scenes.
     """
     import json
 
@@ -434,6 +445,10 @@ def write_model_card(
         )
     if not semantic_report and not episodic_reports:
         lines.append("Not evaluated yet.")
+    sample = _card_sample(root, data_dir, cfg.get("class_names") or []) if data_dir is not None else None
+    if sample:
+        lines += ["", "## Sample", "", f"Semantic protocol on the first val scenes of `{data_dir}`:", "",
+                  f"![sample]({sample})"]  # fmt: skip
     with atomic_write(root / "README.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     return root / "README.md"

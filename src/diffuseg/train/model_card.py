@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from diffuseg.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["backbone_gate", "read_log", "ship_backbone"]
+__all__ = ["backbone_gate", "read_log", "sample_picture", "ship_backbone"]
 
 SAMPLE_PROMPTS = (
     "a red sandal on grass",
@@ -61,6 +63,40 @@ def _samples(backbone, path: Path, prompts: tuple[str, ...], steps: int, seed: i
     arr = ((imgs.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
     grid = image_grid([upscale_nearest(a, 2) for a in arr], nrow=len(prompts))
     write_image(path, grid)
+
+
+def sample_picture(
+    out_dir: str | os.PathLike,
+    predict: Callable[[np.ndarray], Any],
+    data_dir: str | os.PathLike,
+    class_names: Sequence[str],
+    split: str = "val",
+    num: int = 3,
+    filename: str = "sample.png",
+) -> str | None:
+    """Write ``OUT/filename``: image | ground truth | prediction [| uncertainty] for ``num`` scenes.
+
+    A card's picture shows what the numbers mean: the first ``num`` scenes of ``split`` (a fixed,
+    reproducible choice, not a flattering one) through ``predict`` (image → a
+    :class:`~diffuseg.outputs.SegmentationOutput`). Returns the file name, or None without scenes.
+    """
+    from itertools import islice
+
+    from diffuseg.eval.runner import load_split_samples
+    from diffuseg.io import default_palette
+    from diffuseg.viz import image_grid, save_figure, side_by_side
+
+    palette = default_palette(len(class_names))
+    rows = []
+    for smp in islice(load_split_samples(data_dir, split), num):
+        out = predict(smp["image"])
+        unc = out.uncertainty[0] if out.uncertainty is not None else None
+        names = list(class_names)
+        rows.append(side_by_side(smp["image"], smp["label"], out.labels[0], palette, names, uncertainty=unc))
+    if not rows:
+        return None
+    save_figure(Path(out_dir) / filename, image_grid(rows, nrow=1))
+    return filename
 
 
 def _table(rows: dict[str, Any]) -> str:

@@ -581,31 +581,24 @@ class SegDiffusionTask:
 
     def _card_sample(self, out_dir: Path) -> str | None:
         """``sample.png``: image | ground truth | prediction | uncertainty for a few val scenes."""
-        from diffuseg.io import default_palette
-        from diffuseg.viz import image_grid, save_figure, side_by_side
+        from diffuseg.train.model_card import sample_picture
 
-        samples = self._val_samples()[: self.settings.card_samples]
-        if not samples:
+        if self.val_data_dir is None or not self.settings.card_samples:
             return None
         unet = self.backbone.unet
         was_training = unet.training
         unet.eval()
-        palette = default_palette(len(self.classes))
-        rows = []
         try:
             pipe = self.pipeline()
-            for smp in samples:
-                out = pipe(smp["image"], class_names=self.classes, output_size=smp["label"].shape)
-                unc = out.uncertainty[0] if out.uncertainty is not None else None
-                rows.append(
-                    side_by_side(
-                        smp["image"], smp["label"], out.labels[0], palette, self.classes, uncertainty=unc
-                    )
-                )
+            return sample_picture(
+                out_dir,
+                lambda image: pipe(image, class_names=self.classes, output_size=image.shape[:2]),
+                self.val_data_dir,
+                self.classes,
+                num=self.settings.card_samples,
+            )
         finally:
             unet.train(was_training)
-        save_figure(out_dir / "sample.png", image_grid(rows, nrow=1))
-        return "sample.png"
 
 
 def _same_shape_batches(samples: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
