@@ -5,7 +5,10 @@ Kept free of heavy imports: it is imported by ``diffuseg --help``.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,10 +27,19 @@ Threads = Annotated[
 
 
 def setup_logging(quiet: bool) -> None:
-    """INFO logs (and progress bars) by default; warnings only with ``--quiet``."""
+    """INFO logs (and progress bars) by default; warnings only with ``--quiet``.
+
+    ``--quiet`` also silences the weight-loading bars of transformers / diffusers / huggingface_hub,
+    which print on their own switch, not through ``logging``.
+    """
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        for module in ("transformers.utils.logging", "diffusers.utils.logging"):
+            with contextlib.suppress(ImportError):  # an optional dependency missing: nothing to silence
+                importlib.import_module(module).disable_progress_bar()
 
 
 def fail(msg: str) -> None:
