@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from diffuseg.train.seg_diffusion import (
     write_model_card,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "fashion_scenes"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "fashion_scenes"
 NAMES = ["background", "bag", "sandal"]
 
 
@@ -349,6 +351,24 @@ def test_train_cli_exports_a_loadable_checkpoint_with_card(tiny, tmp_path):
     # benchmarks rewrite the card with full-evaluation metrics
     write_model_card(final, metrics={"mIoU": 12.5}, metrics_note="full val")
     assert "| mIoU | 12.50 |" in (final / "README.md").read_text()
+    # shipping: fp16 weights, the sample and a card that names the shipped folder (replaced atomically)
+    spec = importlib.util.spec_from_file_location("ship_seg", REPO / "scripts" / "ship_seg_diffusion.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shipped = tmp_path / "checkpoints" / "seg-diffusion"
+    shipped.mkdir(parents=True)
+    (shipped / "stale.txt").write_text("old")
+    mod.main(["--export", str(final), "--out", str(shipped)])
+    assert not (shipped / "stale.txt").exists() and (shipped / "sample.png").is_file()
+    assert sorted(p.name for p in shipped.parent.iterdir()) == ["seg-diffusion"]  # no temp folders left
+    from safetensors import safe_open
+
+    with safe_open(str(next((shipped / "unet").glob("*.safetensors"))), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    card = (shipped / "README.md").read_text()
+    assert f'from_pretrained("{shipped}")' in card and "diffuseg train seg-diffusion" in card
+    again = SegDiffusionPipeline.from_pretrained(str(shipped))
+    assert again.config.ensemble_size == 2 and again.unseen_classes == ["sandal", "coat"]
 
 
 def test_train_cli_reports_bad_input(tmp_path):
