@@ -43,19 +43,9 @@ python scripts/ship_mini_sd.py --out checkpoints/mini-sd --unet-run RUNS/mini-sd
     --diffseg RUNS/gate/diffseg.json --ddpmseg RUNS/gate/ddpmseg.json"""
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move a finished folder into place (the old one goes only once the new one is complete)."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     from diffuseg.backbones.latent import LatentDiffusionBackbone
-    from diffuseg.io import weights_fingerprint
+    from diffuseg.io import replace_folder, weights_fingerprint
     from diffuseg.train.latent_diffusion import load_image_array, reconstruction_psnr
     from diffuseg.train.model_card import backbone_gate, read_log, ship_backbone
 
@@ -75,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.export is not None:  # step 1
         LatentDiffusionBackbone.from_pretrained(args.export).save_pretrained(tmp, fp16=True)
-        _replace(tmp, args.out)
+        replace_folder(tmp, args.out)
         logging.info("wrote the fp16 weights of %s to %s; now measure the gate on it", args.export, args.out)
         return
     missing = [
@@ -125,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if weights_fingerprint(tmp) != weights:
         raise SystemExit(f"re-saving changed the weights of {args.out}; nothing replaced ({tmp} kept)")
-    _replace(tmp, args.out)
+    replace_folder(tmp, args.out)
     logging.info("shipped %s (gate %s)", args.out, "holds" if holds else "not met")
 
 

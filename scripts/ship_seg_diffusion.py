@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from diffuseg.backbones.latent import LatentDiffusionBackbone
+from diffuseg.io import replace_folder
 from diffuseg.train.seg_diffusion import write_model_card
 
 
@@ -33,12 +34,7 @@ def ship(export: Path, out: Path) -> Path:
         shutil.copy2(export / "sample.png", tmp / "sample.png")
         sample = "sample.png"
     write_model_card(tmp, sample_image=sample)
-    old = out.parent / f".old_{out.name}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    return replace_folder(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> None:

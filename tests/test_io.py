@@ -204,3 +204,21 @@ def test_default_palette() -> None:
     assert len(pal) == 256 and len({tuple(c) for c in pal}) == 256
     assert pal[:4] == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]  # PASCAL VOC colours
     assert dio.default_palette(3, seed=5) == pal[:3]
+
+
+def test_replace_folder_swaps_whole_folders(tmp_path):
+    from diffuseg.io import replace_folder
+
+    dest = tmp_path / "ckpt"
+    dest.mkdir()
+    (dest / "stale.txt").write_text("old")
+    new = tmp_path / ".tmp_ckpt"
+    new.mkdir()
+    (new / "weights.bin").write_text("new")
+    assert replace_folder(new, dest) == dest
+    assert sorted(p.name for p in dest.iterdir()) == ["weights.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing left aside
+    other = tmp_path / "fresh"
+    other.mkdir()
+    replace_folder(other, tmp_path / "first")  # no previous folder
+    assert (tmp_path / "first").is_dir() and not other.exists()

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -59,6 +60,23 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def replace_folder(finished: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Move the complete folder ``finished`` to ``dest``, replacing whatever was there.
+
+    The old ``dest`` is renamed aside and deleted only once the new one is in place, so an
+    interruption leaves either the old folder or the new one (or the old one beside it), never a
+    half-written mix. Returns ``dest``.
+    """
+    new, out = Path(finished), Path(dest)
+    old = out.parent / f".old_{out.name}"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from diffuseg.io import replace_folder
 from diffuseg.train.loop import CHECKPOINT_DIR, CONFIG_FILE, EMA_FILE, LOG_FILE, STATE_FILE, latest_checkpoint
 
 __all__ = ["PACK_FILE", "pack_run", "unpack_run"]
@@ -78,8 +79,7 @@ def pack_run(run_dir: str | Path, dest: str | Path, checkpoint: str | Path | Non
     (tmp / PACK_FILE).write_text(
         json.dumps({"checkpoint": ckpt.name, "step": step, "source": str(run)}, indent=1) + "\n"
     )
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    replace_folder(tmp, out)
     logger.info("packed %s (step %d) into %s", ckpt, step, out)
     return out
 

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from diffuseg.io import replace_folder
 from diffuseg.train.ema import EMA
 
 __all__ = [
@@ -681,8 +682,7 @@ def _finish(
         tmp.mkdir(parents=True)
         with _ema_weights(ema, net):
             save_pretrained(net, tmp)
-        shutil.rmtree(export_dir, ignore_errors=True)
-        os.replace(tmp, export_dir)
+        replace_folder(tmp, export_dir)
         logger.info("exported %s weights to %s", "EMA" if ema is not None else "final", export_dir)
     acc.wait_for_everyone()
     return export_dir

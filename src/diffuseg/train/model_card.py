@@ -87,11 +87,10 @@ def sample_picture(
     from diffuseg.viz import image_grid, save_figure, side_by_side
 
     palette = default_palette(len(class_names))
-    rows = []
+    names, rows = list(class_names), []
     for smp in islice(load_split_samples(data_dir, split), num):
         out = predict(smp["image"])
         unc = out.uncertainty[0] if out.uncertainty is not None else None
-        names = list(class_names)
         rows.append(side_by_side(smp["image"], smp["label"], out.labels[0], palette, names, uncertainty=unc))
     if not rows:
         return None
