@@ -7,7 +7,7 @@ on the fold's test episodes (1000 per fold, seed 456; binary mask of the named n
 * **esda** — adapters + text injection + interactor + spatial distribution losses;
 * **clsclip** — ClsCLIP-like baseline: the same frozen encoder, a text-projected similarity map and
   the conv head; nothing inside the encoder, no interactor, main loss only;
-* **no-adapters**, **no-interactor**, **no-distribution-losses** — ESDA minus one part.
+* **no-adapters**, **no-interactor**, **no-text-injection**, **no-distribution-losses** — ESDA minus one part.
 
 Scores: mIoU over the fold's novel classes and FB-IoU (ESDA/PFENet protocol), in percent. Runs are
 resumable: a variant whose ``final/`` model exists is only re-evaluated, and every finished cell's
@@ -17,6 +17,10 @@ chunks on machines that are not kept (a cell whose config or data differ is reru
 − interactor 0.46 s, ClsCLIP-like 0.18 s — about 60 min per fold at 1000 steps, 5 h for all folds::
 
     python benchmarks/esda_fashion.py --data /work/data/fashion_scenes --steps 1000 --runs-dir runs/esda-bench
+
+An experiment on the recipe is kept apart from the table's cells: ``--tag NAME --set KEY=VALUE``
+trains and records ``VARIANT@NAME`` (e.g. ``--variants esda --tag text-noise-0.1 --set
+data.text_noise=0.1``).
 
 Smoke test (minutes): ``--tiny`` trains a few steps per variant on a small generated set.
 """
@@ -39,6 +43,7 @@ from _common import (
     dataset_fingerprint,
     load_record,
     markdown_table,
+    record_key,
     provenance,
     save_record,
     write_results_section,
@@ -51,12 +56,20 @@ logger = logging.getLogger("esda_fashion")
 
 SECTION_ID = "esda-fashion"
 SECTION_TITLE = "## ESDA: episodic zero-shot segmentation on FashionScenes"
-VARIANT_ORDER = ("esda", "clsclip", "no-adapters", "no-interactor", "no-distribution-losses")
+VARIANT_ORDER = (
+    "esda",
+    "clsclip",
+    "no-adapters",
+    "no-interactor",
+    "no-text-injection",
+    "no-distribution-losses",
+)
 VARIANT_LABELS = {
     "esda": "ESDA",
     "clsclip": "ClsCLIP-like baseline",
     "no-adapters": "ESDA − adapters",
     "no-interactor": "ESDA − interactor",
+    "no-text-injection": "ESDA − text injection",
     "no-distribution-losses": "ESDA − distribution losses",
 }
 REPO = Path(__file__).resolve().parents[1]
@@ -99,9 +112,10 @@ def train_and_evaluate(
     from diffuseg.methods.esda import ESDAModel, ESDAPipeline
     from diffuseg.train.esda import train_esda
 
-    run = Path(args.runs_dir) / f"fold{fold}" / variant
+    name = f"{variant}@{args.tag}" if args.tag else variant
+    run = Path(args.runs_dir) / f"fold{fold}" / name
     report_path = run / "episodes.json"
-    key = f"fold{fold}_{variant}"
+    key = record_key(f"fold{fold}", name)
     signature = {"config": config, "data": dataset_fingerprint(data_dir), "episodes": args.episodes}
     if not args.reevaluate and not args.no_records:
         recorded = load_record(SECTION_ID, key, signature)
@@ -153,20 +167,24 @@ def render(args: argparse.Namespace, data_dir: Path, results: dict, config: dict
     """Markdown: one mIoU row per variant (per fold and mean), then FB-IoU means."""
     folds = sorted({f for per in results.values() for f in per})
     rows, fb_rows = [], []
+
+    def label(variant: str) -> str:
+        return f"{VARIANT_LABELS[variant]} ({args.tag})" if args.tag else VARIANT_LABELS[variant]
+
     for variant in [v for v in VARIANT_ORDER if v in results]:
         per = results[variant]
         miou = [per[f]["metrics"]["mIoU"] for f in folds if f in per]
         fb = [per[f]["metrics"]["FB-IoU"] for f in folds if f in per]
         rows.append(
             [
-                VARIANT_LABELS[variant],
+                label(variant),
                 *(f"{per[f]['metrics']['mIoU']:.1f}" if f in per else "-" for f in folds),
             ]
             + [f"{np.mean(miou):.1f}"]
         )
         fb_rows.append(
             [
-                VARIANT_LABELS[variant],
+                label(variant),
                 f"{np.mean(fb):.1f}",
                 f"{np.mean([per[f]['train_seconds'] for f in per]) / 60:.0f}",
             ]
@@ -218,6 +236,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negative-prob", type=float, default=0.0, help="ESDA's episodic training: 0")
     p.add_argument("--set", action="append", help="extra config override, dotted (repeatable)")
     p.add_argument("--runs-dir", default="runs/esda-bench")
+    p.add_argument(
+        "--tag",
+        default="",
+        help="name of an experiment made with --set: its runs and records are kept apart (VARIANT@TAG)",
+    )
     p.add_argument("--tiny", action="store_true", help="smoke test: small generated data, few steps")
     p.add_argument("--reevaluate", action="store_true", help="score existing models again")
     p.add_argument(
@@ -230,6 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.progress = not args.no_progress
+    if args.tag and not args.set:
+        raise SystemExit("--tag names an experiment: give its config changes with --set")
     if args.tiny:
         args.no_records = True
         args.steps = args.steps or 10

@@ -43,7 +43,7 @@ from diffuseg.methods.esda import (
     cosine_prior,
     esda_loss,
 )
-from diffuseg.train.esda import augment, choose_targets, train_esda, write_model_card
+from diffuseg.train.esda import augment, choose_targets, noisy_text, train_esda, write_model_card
 
 torch.set_num_threads(1)
 
@@ -362,6 +362,8 @@ def test_variants_switch_blocks_off():
     assert not base.encoder_is_trained
     assert tiny_model(**VARIANTS["no-interactor"]).interactor is None
     assert tiny_model(**VARIANTS["no-adapters"]).adapters is None
+    no_text = tiny_model(**VARIANTS["no-text-injection"])
+    assert no_text.films is None and no_text.inject_ids == [] and no_text.adapters is not None
     assert list(tiny_model(**VARIANTS["no-distribution-losses"]).config.loss_weights) == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="out of range"):
         tiny_model(inject_stages=[9])
@@ -580,6 +582,21 @@ def test_augment_moves_image_and_target_together():
     assert agree > 0.95  # bilinear image vs nearest target differ only along edges
     again = augment(images, target, torch.Generator().manual_seed(3), flip=True, scale_min=0.6)
     assert torch.equal(again[1], aug_t)
+
+
+def test_text_noise_jitters_embeddings_relative_to_their_scale(fashion_dir):
+    text = TextFeatures(
+        torch.randn(4, 32) * 5.0, torch.randn(4, 6, 16) * 0.1, torch.ones(4, 6, dtype=torch.long)
+    )
+    assert noisy_text(text, 0.0, torch.Generator().manual_seed(0)) is text
+    out = noisy_text(text, 0.1, torch.Generator().manual_seed(0))
+    again = noisy_text(text, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(out.cls, again.cls) and torch.equal(out.mask, text.mask)
+    for noisy, clean in ((out.cls, text.cls), (out.tokens, text.tokens)):
+        ratio = (noisy - clean).pow(2).mean().sqrt() / clean.pow(2).mean().sqrt()
+        assert 0.07 < ratio < 0.13  # 10 % of each embedding's RMS, whatever its scale
+    with pytest.raises(ValueError, match="text_noise"):
+        train_esda(fashion_dir, fashion_dir / "unused", {"data": {"fold": 0, "text_noise": -1.0}})
 
 
 def test_train_export_segment_and_evaluate_episodes(fashion_dir, text_dir, tmp_path, monkeypatch):

@@ -71,6 +71,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "esda": {},
     "no-adapters": {"use_adapters": False},
     "no-interactor": {"use_interactor": False},
+    "no-text-injection": {"inject_text": False},
     "no-distribution-losses": {"loss_weights": [1.0, 0.0, 0.0]},
     "clsclip": {
         "use_adapters": False,

@@ -41,6 +41,7 @@ from diffuseg.methods.esda import (
     IGNORE_INDEX,
     VARIANTS,
     ESDAModel,
+    TextFeatures,
     encode_class_texts,
     esda_loss,
 )
@@ -187,6 +188,7 @@ class ESDATask:
         flip: bool = True,
         scale_min: float = 0.8,
         num_val_episodes: int = 200,
+        text_noise: float = 0.0,
         text_encoder=None,
         progress: bool = True,
     ) -> None:
@@ -197,6 +199,9 @@ class ESDATask:
             raise ValueError(f"negative_prob must be in [0, 1), got {negative_prob}")
         if not 0.0 < scale_min <= 1.0:
             raise ValueError(f"scale_min must be in (0, 1], got {scale_min}")
+        if text_noise < 0.0:
+            raise ValueError(f"text_noise must be >= 0 (a fraction of the embedding's RMS), got {text_noise}")
+        self.text_noise = float(text_noise)
         self.data_dir = Path(data_dir)
         meta = load_meta(self.data_dir)
         self.class_names = list(meta["classes"])
@@ -262,7 +267,7 @@ class ESDATask:
         )
         images = batch["image"].permute(0, 3, 1, 2).float() / 255.0
         images, target = augment(images, target, generator, self.flip, self.scale_min)
-        text = self.text.index(chosen).to(images.device)
+        text = noisy_text(self.text.index(chosen), self.text_noise, generator).to(images.device)
         out = model(net.preprocess(images), text, target)
         loss, logs = esda_loss(out, target, net.config.loss_weights)
         logs["negatives"] = float((target == 1).flatten(1).any(1).logical_not().float().mean())
@@ -291,6 +296,24 @@ class ESDATask:
 
     def save_pretrained(self, model: nn.Module, out_dir: Path) -> None:
         _unwrap(model).save_pretrained(out_dir)
+
+
+def noisy_text(text: TextFeatures, scale: float, generator: torch.Generator) -> TextFeatures:
+    """Training-time text augmentation: Gaussian noise of ``scale`` × each embedding's RMS.
+
+    With 8 base class names, every text-conditioned block (FiLM injection, interactor) can learn a
+    lookup table of the training names, which a novel name falls between; jittering the embeddings
+    asks those blocks to behave smoothly around each name instead. ``scale=0`` returns ``text`` as is.
+    """
+    if scale <= 0.0:
+        return text
+
+    def jitter(x: Tensor) -> Tensor:
+        rms = x.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        noise = torch.randn(x.shape, generator=generator)  # the loop's generator lives on the CPU
+        return x + scale * rms * noise.to(device=x.device, dtype=x.dtype)
+
+    return TextFeatures(jitter(text.cls), jitter(text.tokens), text.mask)
 
 
 def resolve_novel(
@@ -344,6 +367,7 @@ def train_esda(
         "flip",
         "scale_min",
         "num_val_episodes",
+        "text_noise",
     }
     unknown = sorted(set(data_cfg) - allowed)
     if unknown:
