@@ -107,8 +107,11 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def train_and_evaluate(
     args: argparse.Namespace, data_dir: Path, fold: int, variant: str, config: dict, text_encoder
-) -> dict[str, Any]:
-    """Train (or resume) one variant on one fold, then score its exported model on the fold's episodes."""
+) -> dict[str, Any] | None:
+    """Train (or resume) one variant on one fold, then score its exported model on the fold's episodes.
+
+    ``None`` when ``--recorded-only`` and the cell has neither a record nor a finished run.
+    """
     from diffuseg.methods.esda import ESDAModel, ESDAPipeline
     from diffuseg.train.esda import train_esda
 
@@ -126,6 +129,8 @@ def train_and_evaluate(
             return recorded
     if report_path.is_file() and (run / "final" / "config.json").is_file() and not args.reevaluate:
         return json.loads(report_path.read_text())
+    if args.recorded_only:
+        return None
     started = time.perf_counter()
     if not (run / "final" / "config.json").is_file():
         result = train_esda(
@@ -178,14 +183,14 @@ def render(args: argparse.Namespace, data_dir: Path, results: dict, config: dict
         rows.append(
             [
                 label(variant),
-                *(f"{per[f]['metrics']['mIoU']:.1f}" if f in per else "-" for f in folds),
+                *(f"{per[f]['metrics']['mIoU']:.1f}" if f in per else "–" for f in folds),
             ]
-            + [f"{np.mean(miou):.1f}"]
+            + [f"{np.mean(miou):.1f}" if len(miou) == len(folds) else "–"]  # a mean over all folds or none
         )
         fb_rows.append(
             [
                 label(variant),
-                f"{np.mean(fb):.1f}",
+                f"{np.mean(fb):.1f}" if len(fb) == len(folds) else "–",
                 f"{np.mean([per[f]['train_seconds'] for f in per]) / 60:.0f}",
             ]
         )
@@ -244,6 +249,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="smoke test: small generated data, few steps")
     p.add_argument("--reevaluate", action="store_true", help="score existing models again")
     p.add_argument(
+        "--recorded-only",
+        action="store_true",
+        help="train nothing: tabulate the cells already recorded (or finished in --runs-dir)",
+    )
+    p.add_argument(
         "--no-records",
         action="store_true",
         help="neither reuse nor write the committed per-cell results in benchmarks/records/",
@@ -282,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     for fold in folds:
         for variant in variants:
             report = train_and_evaluate(args, data_dir, fold, variant, config, text_encoder)
+            if report is None:
+                logger.info("fold %d %s: not run yet (--recorded-only)", fold, variant)
+                continue
             results.setdefault(variant, {})[fold] = report
             logger.info(
                 "fold %d %-24s mIoU %.1f  FB-IoU %.1f",
