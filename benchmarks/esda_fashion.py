@@ -43,8 +43,8 @@ from _common import (
     dataset_fingerprint,
     load_record,
     markdown_table,
-    record_key,
     provenance,
+    record_key,
     save_record,
     write_results_section,
 )

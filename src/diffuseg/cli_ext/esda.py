@@ -47,7 +47,9 @@ def train_esda_command(
     ] = None,
     variant: Annotated[
         str | None,
-        typer.Option(help="esda | no-adapters | no-interactor | no-text-injection | no-distribution-losses | clsclip."),
+        typer.Option(
+            help="esda | no-adapters | no-interactor | no-text-injection | no-distribution-losses | clsclip."
+        ),
     ] = None,
     max_minutes: Annotated[
         float | None, typer.Option(help="Stop (resumably) after this many minutes.")
