@@ -71,3 +71,17 @@ def test_helpers():
     assert w[0] < 1 and torch.isclose(
         w[2], torch.tensor(1.0)
     )  # high-SNR steps down-weighted, low-SNR untouched
+
+
+def test_min_snr_floor_keeps_an_x0_weight_at_high_noise():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(prediction_type="v_prediction")
+    t = torch.tensor([1, 500, 999])
+    ac = sched.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    plain, floored = min_snr_weights(sched, t, 5.0), min_snr_weights(sched, t, 5.0, floor=1.0)
+    x0_plain, x0_floored = plain * (snr + 1), floored * (snr + 1)  # v-MSE = (SNR+1) x0-MSE
+    assert x0_plain[2] < 1e-3 and torch.isclose(x0_floored[2], torch.tensor(1.0))  # t = T: 0 -> 1
+    assert torch.isclose(x0_floored[0], torch.tensor(5.0))  # low noise: the γ cap is unchanged
+    assert torch.equal(min_snr_weights(sched, t, 5.0, floor=0.0), plain)

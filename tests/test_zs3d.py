@@ -476,6 +476,19 @@ def test_ddpm_loss_masks_ignore_pixels():
     assert logs["mse_semantic"] == 0.0 and logs["mse_image"] > 0 and loss.requires_grad
 
 
+def test_semantic_snr_floor_only_raises_the_semantic_weight():
+    pipe = tiny_pipeline()
+    codes = pipe.class_codes(CLASSES)
+    arrays = SplitArrays(np.zeros((8, 16, 16, 3), np.uint8), np.zeros((8, 16, 16), np.uint8), ["a"] * 8)
+    batch = {"image": torch.rand(8, 3, 16, 16), "label": torch.zeros(8, 16, 16, dtype=torch.long)}
+    model = pipe.unet.eval()
+    plain, plain_logs = ZS3DTask(pipe, arrays, codes).loss(model, batch, torch.Generator().manual_seed(0))
+    task = ZS3DTask(pipe, arrays, codes, semantic_snr_floor=1.0)
+    floored, logs = task.loss(model, batch, torch.Generator().manual_seed(0))
+    assert logs["mse_semantic"] == plain_logs["mse_semantic"]  # the same draws, only the weights differ
+    assert floored > plain
+
+
 TINY_CONFIG = """
 seed: 0
 model:

@@ -219,13 +219,18 @@ def build_latent_cache(
     return cache_dir
 
 
-def min_snr_weights(scheduler, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
-    """Per-sample loss weights min(SNR, γ)/SNR (ε-target) or min(SNR, γ)/(SNR+1) (v-target)."""
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float | None, floor: float = 0.0) -> torch.Tensor:
+    """Per-sample loss weights min(SNR, γ)/SNR (ε-target) or min(SNR, γ)/(SNR+1) (v-target).
+
+    Either way the implied weight on the x0 error is min(SNR, γ), which vanishes at high noise. A
+    ``floor`` > 0 keeps it at least ``floor`` there: for ZS3D's semantic channels the high-noise
+    steps are where the model must read the class from the (clean) image alone.
+    """
     if gamma is None:
         return torch.ones_like(t, dtype=torch.float32)
     ac = scheduler.alphas_cumprod.to(t.device)[t]
     snr = ac / (1 - ac)
-    w = snr.clamp(max=gamma)
+    w = snr.clamp(max=gamma).clamp(min=floor)
     return w / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else w / snr
 
 

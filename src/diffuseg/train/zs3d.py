@@ -302,6 +302,9 @@ class ZS3DTask(_ZS3DTaskBase):
     level as the semantic channels (the original joint diffusion, which unconditional generation and
     matched guidance need), level 0 (the clean image: what clean guidance feeds), or an independent
     uniform level. The image term is dropped for clean samples, whose target carries no information.
+
+    ``semantic_snr_floor`` keeps the semantic term's x0 weight at least that value where min-SNR-γ
+    would make it vanish (high noise), so the model also learns to read classes from the image alone.
     """
 
     def __init__(
@@ -310,10 +313,12 @@ class ZS3DTask(_ZS3DTaskBase):
         semantic_weight: float = 1.0,
         snr_gamma: float | None = 5.0,
         image_noise: dict[str, float] | None = None,
+        semantic_snr_floor: float = 0.0,
         **kw: Any,
     ):
         super().__init__(*args, **kw)
         self.semantic_weight, self.snr_gamma = float(semantic_weight), snr_gamma
+        self.semantic_snr_floor = float(semantic_snr_floor)
         self.decoupled = getattr(self.pipeline.unet.config, "class_embed_type", None) == "timestep"
         mix = {"matched": 0.5, "clean": 0.25, "uniform": 0.25, **(image_noise or {})}
         unknown = sorted(set(mix) - {"matched", "clean", "uniform"})
@@ -357,7 +362,7 @@ class ZS3DTask(_ZS3DTaskBase):
         k = sem.shape[1]
         sem_mse = (err[:, 3:] * valid).sum((1, 2, 3)) / (valid.sum((1, 2, 3)) * k).clamp_min(1)
         w_img = min_snr_weights(sched, t_img, self.snr_gamma).to(img_mse) * (t_img > 0).to(img_mse)
-        w_sem = min_snr_weights(sched, t, self.snr_gamma).to(sem_mse)
+        w_sem = min_snr_weights(sched, t, self.snr_gamma, self.semantic_snr_floor).to(sem_mse)
         loss = (w_img * img_mse + self.semantic_weight * w_sem * sem_mse).mean()
         return loss, {"mse_image": img_mse.mean().item(), "mse_semantic": sem_mse.mean().item()}
 
@@ -456,6 +461,7 @@ def _make_task(
             semantic_weight=float(loss_cfg.get("semantic_weight", 1.0)),
             snr_gamma=loss_cfg.get("snr_gamma", 5.0),
             image_noise=loss_cfg.get("image_noise"),
+            semantic_snr_floor=float(loss_cfg.get("semantic_snr_floor") or 0.0),
             **common,
         )
     return RegressionTask(pipe, arrays, codes, **common)
