@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from diffuseg.eval import ConfusionMatrix
 from diffuseg.eval.runner import load_meta
 from diffuseg.train import load_yaml_config
-from diffuseg.train.zs3d import IGNORE_INDEX, _exclusions, _val_at_data_size, build_pipeline
+from diffuseg.train.zs3d import _exclusions, _val_at_data_size, build_pipeline, quick_metrics
 
 
 def main() -> None:
@@ -41,24 +39,8 @@ def main() -> None:
     pipe.unet.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
     pipe.unet.eval()
     val = _val_at_data_size(args.data, args.num_images)
-    names = pipe.config.classes
-    samplers = {"1 step": {"num_inference_steps": 1}, "10 steps": {"num_inference_steps": 10}}
-    for label, settings in samplers.items():
-        cm = ConfusionMatrix(len(names), IGNORE_INDEX)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for s in range(0, len(val.ids), 16):
-                out = pipe(
-                    list(val.images[s : s + 16]),
-                    class_names=names,
-                    generator=gen,
-                    calibration=0.0,
-                    num_samples=1,
-                    progress=False,
-                    **settings,
-                )
-                cm.update(out.labels, val.labels[s : s + 16].astype(np.int64))
-        m = cm.compute(names, pipe.config.unseen)["metrics"]
+    for label, steps in {"1 step": 1, "10 steps": 10}.items():
+        m = quick_metrics(pipe, val, num_inference_steps=steps, num_samples=1)
         print(
             f"{args.run.name} step {args.step} {args.weights} {label}: "
             + "  ".join(f"{k} {v:.1f}" for k, v in m.items() if isinstance(v, float))

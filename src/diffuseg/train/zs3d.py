@@ -264,20 +264,9 @@ class _ZS3DTaskBase:
         """Quick zero-shot check on a few val images (γ = 0, cheap sampler settings)."""
         if self.val is None or not len(self.val.ids):
             return {}
-        from diffuseg.eval import ConfusionMatrix
-
         was = model.training
         try:
-            pipe = self._with_model(model)
-            names = pipe.config.classes
-            cm = ConfusionMatrix(len(names), IGNORE_INDEX)
-            gen = torch.Generator().manual_seed(0)
-            settings = {"calibration": 0.0, **self.eval_settings}
-            for start in range(0, len(self.val.ids), 16):
-                imgs = list(self.val.images[start : start + 16])
-                out = pipe(imgs, class_names=names, generator=gen, **settings)
-                cm.update(out.labels, self.val.labels[start : start + 16].astype(np.int64))
-            metrics = cm.compute(names, pipe.config.unseen)["metrics"]
+            metrics = quick_metrics(self._with_model(model), self.val, **self.eval_settings)
         finally:
             model.train(was)
         return {f"val_{k}": v for k, v in metrics.items() if v is not None}
@@ -393,6 +382,24 @@ def _model_section(config: dict[str, Any]) -> dict[str, Any]:
     model.setdefault("text_encoder", "minilm")
     model.setdefault("templates", None)
     return model
+
+
+def quick_metrics(pipe: ZS3DPipeline, val: SplitArrays, **settings: Any) -> dict[str, float | None]:
+    """Seen / unseen / hIoU of ``pipe`` on ``val`` without calibration (γ = 0), seeded sampling.
+
+    The in-training check and ``scripts/zs3d_probe.py`` both use it, so their numbers compare.
+    """
+    from diffuseg.eval import ConfusionMatrix
+
+    names = pipe.config.classes
+    cm = ConfusionMatrix(len(names), IGNORE_INDEX)
+    gen = torch.Generator().manual_seed(0)
+    settings = {"calibration": 0.0, **settings}
+    with torch.no_grad():
+        for start in range(0, len(val.ids), 16):
+            out = pipe(list(val.images[start : start + 16]), class_names=names, generator=gen, **settings)
+            cm.update(out.labels, val.labels[start : start + 16].astype(np.int64))
+    return cm.compute(names, pipe.config.unseen)["metrics"]
 
 
 def build_pipeline(
