@@ -7,7 +7,8 @@
 #   bash scripts/carry.sh unpack NAME [NAME ...]          # only lay the packs out (start does it too)
 #   bash scripts/carry.sh status                          # last log line of every run
 #
-# NAME is one of the runs below; each is the exact command of docs/training.md. One torch thread per
+# NAME is one of the runs below; each is the exact command of docs/training.md. NAME.calibration
+# trains a ZS3D run's calibration model on its own (in parallel with the main stage). One torch thread per
 # run (this machine has 2 cores); logs go to $RUNS/NAME.log. RUNS defaults to /work/runs, the data to
 # /work/data/fashion_scenes (generated here, byte-identical per seed, when missing), the packs to
 # STATE=training-state.
@@ -17,15 +18,22 @@ RUNS=${RUNS:-/work/runs}
 DATA=${DATA:-/work/data/fashion_scenes}
 STATE=${STATE:-training-state}
 
+# The SPNet-like baseline converges in fewer steps (one regression pass): half of ZS3D's budget.
+SPNET_STEPS="--set train.max_steps=4000 --set calibration.train.max_steps=1500"
+
 command_for() {  # NAME MINUTES -> the training command
   local m=$2
   case "$1" in
     mini-sd-unet) echo "diffuseg train mini-sd --data $DATA --vae checkpoints/mini-sd-vae --out $RUNS/mini-sd-unet --max-minutes $m --export $RUNS/mini-sd-export" ;;
     esda) echo "diffuseg train esda --data $DATA --out $RUNS/esda --threads 1 --max-minutes $m --set train.max_steps=4500" ;;
     zs3d) echo "diffuseg train zs3d --data $DATA --out $RUNS/zs3d --max-minutes $m" ;;
-    zs3d-spnet) echo "diffuseg train zs3d --baseline --data $DATA --out $RUNS/zs3d-spnet --max-minutes $m" ;;
+    zs3d-spnet) echo "diffuseg train zs3d --baseline $SPNET_STEPS --data $DATA --out $RUNS/zs3d-spnet --max-minutes $m" ;;
+    zs3d.calibration|zs3d-spnet.calibration)  # the calibration model alone, beside the main stage
+      local base=${1%.calibration} extra=""
+      [ "$base" = zs3d-spnet ] && extra="--baseline $SPNET_STEPS"
+      echo "diffuseg train zs3d $extra --stage calibration --data $DATA --out $RUNS/$base --max-minutes $m" ;;
     seg-diffusion) echo "diffuseg train seg-diffusion --data $DATA --backbone checkpoints/mini-sd --out $RUNS/seg-diffusion --max-minutes $m --export $RUNS/seg-diffusion-export" ;;
-    *) echo "unknown run '$1' (mini-sd-unet, esda, zs3d, zs3d-spnet, seg-diffusion)" >&2; return 2 ;;
+    *) echo "unknown run '$1' (mini-sd-unet, esda, zs3d, zs3d-spnet, NAME.calibration, seg-diffusion)" >&2; return 2 ;;
   esac
 }
 
@@ -56,7 +64,7 @@ case "${1:-}" in
     mkdir -p "$RUNS"
     for name in "$@"; do
       cmd=$(command_for "$name" "$minutes")
-      unpack_one "$name"
+      unpack_one "${name%.calibration}"
       OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup $cmd >> "$RUNS/$name.log" 2>&1 &
       echo "started $name (pid $!): $cmd"
     done

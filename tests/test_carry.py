@@ -131,6 +131,7 @@ def test_carry_script_carries_a_stage_with_its_own_loop(tmp_path: Path) -> None:
     carry("pack", "zs3d")
     assert json.loads((state / "zs3d" / PACK_FILE).read_text())["step"] == 4
     assert json.loads((state / "zs3d.calibration" / PACK_FILE).read_text())["step"] == 8
+    assert (runs / "zs3d" / ".train.lock").is_file() and not (state / "zs3d" / ".train.lock").exists()
     shutil.rmtree(runs)
     carry("unpack", "zs3d")
     assert latest_checkpoint(runs / "zs3d").name == "step_000004"

@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from diffuseg.train import EMA, TrainConfig, latest_checkpoint, load_yaml_config, lr_factor, train
+from diffuseg.train.loop import RunInUseError
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("_tiny_train_task", REPO / "tests" / "_tiny_train_task.py")
@@ -118,6 +119,31 @@ def test_resume_from_explicit_checkpoint_and_resume_false(tmp_path: Path) -> Non
         train(tiny.TinyTask(), _config(tmp_path, max_steps=4, resume=False))
     with pytest.raises(ValueError, match="not a diffuseg checkpoint"):
         train(tiny.TinyTask(), config, resume_from=tmp_path)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock-based lock")
+def test_second_training_into_a_busy_folder_is_refused(tmp_path: Path) -> None:
+    holder = subprocess.Popen(  # another process training into tmp_path: it holds the folder's lock
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "f.write('pid 4242'); f.flush(); print('locked', flush=True); time.sleep(60)",
+            str(tmp_path / ".train.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunInUseError, match="being trained by pid 4242"):
+            train(tiny.TinyTask(), _config(tmp_path, max_steps=2))
+        assert not (tmp_path / "checkpoints").exists()  # refused before touching anything
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(tiny.TinyTask(), _config(tmp_path, max_steps=2)).finished  # free again
+    assert train(tiny.TinyTask(), _config(tmp_path, max_steps=3)).step == 3  # our own lock was released
 
 
 @pytest.mark.parametrize(

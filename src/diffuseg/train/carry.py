@@ -71,6 +71,8 @@ def pack_run(run_dir: str | Path, dest: str | Path, checkpoint: str | Path | Non
         else:
             shutil.copy2(src, target / src.name)
     for side in sorted(run.iterdir()):
+        if side.name.startswith("."):  # the run's .train.lock
+            continue
         if side.is_file() and (
             side.name in (LOG_FILE, CONFIG_FILE) or side.stat().st_size <= _SIDE_FILE_LIMIT
         ):

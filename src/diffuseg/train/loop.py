@@ -58,6 +58,7 @@ from diffuseg.io import replace_folder
 from diffuseg.train.ema import EMA
 
 __all__ = [
+    "RunInUseError",
     "TrainConfig",
     "TrainResult",
     "TrainTask",
@@ -73,6 +74,13 @@ CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "final"
 LOG_FILE = "log.jsonl"
 CONFIG_FILE = "train_config.yaml"
+LOCK_FILE = ".train.lock"
+
+
+class RunInUseError(ValueError):
+    """Another process is training into the same output folder."""
+
+
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 LR_SCHEDULES = ("constant", "cosine")
@@ -332,8 +340,52 @@ def train(
     """
     started = time.monotonic()
     out = Path(config.output_dir)
-    resume_path = _checkpoint_to_resume(out, config, resume_from)
     acc = _accelerator(accelerator, config)
+    with _run_lock(out, acc.is_main_process):
+        return _train(task, config, acc, resume_from, started)
+
+
+@contextmanager
+def _run_lock(out: Path, enabled: bool) -> Iterator[None]:
+    """Hold ``out/.train.lock`` while training: refuse a second training into the same folder.
+
+    Two trainings in one folder would resume from the same checkpoint and overwrite each other's
+    checkpoints and log, silently. The lock is advisory (``flock``), released when the process ends
+    however it ends, so a crash never leaves a stale lock. No check where ``fcntl`` is missing (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        enabled = False
+    if not enabled:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunInUseError(
+                f"{out} is being trained by {holder}: wait for it to stop (or stop it with SIGTERM, which "
+                "checkpoints), or train into another --out folder"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _train(
+    task: TrainTask, config: TrainConfig, acc: Accelerator, resume_from: str | Path | None, started: float
+) -> TrainResult:
+    out = Path(config.output_dir)
+    resume_path = _checkpoint_to_resume(out, config, resume_from)
     main = acc.is_main_process
 
     set_seed(config.seed)  # identical initialisation on every process
