@@ -10,8 +10,12 @@ Rows, all scored with :mod:`diffuseg.eval` (mmseg semantics, seen/unseen/hIoU fr
 * a diagnostic, clearly marked: the best γ on val *with* unseen labels (an oracle, used for no
   choice), to show how much the label-free calibration leaves on the table.
 
-Scores are collected once per (model, N) with γ = 0 and the same seed; calibration is a constant
-shift of the seen-class scores, so every γ row reuses them exactly. ``--augment`` adds the data
+Each cell (model, sampling setting, images) is one sampling pass with γ = 0 and the same seed;
+calibration is a constant shift of the seen-class scores, so the pass yields a confusion matrix at
+every γ of the grid and every γ row reuses it exactly. Cells are recorded under
+``benchmarks/records/zs3d-fashion/`` (reused only with the same weights, data and settings): the
+table can be filled across sessions, or by processes in parallel (``--cells``), then tabulated
+with ``--recorded-only``. ``--augment`` adds the data
 augmentation experiment: a small supervised segmenter trained on ``--aug-real`` labelled scenes,
 alone and with ``--aug-gen`` ZS3D pairs (guided, ρ = ``--aug-rho``; and unconditional).
 
@@ -36,9 +40,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import RESULTS_MD, markdown_table, mean_std, provenance, write_results_section
+from _common import (
+    RESULTS_MD,
+    dataset_fingerprint,
+    load_record,
+    markdown_table,
+    mean_std,
+    model_fingerprint,
+    provenance,
+    save_record,
+    write_results_section,
+)
 from diffuseg.eval import ConfusionMatrix, load_meta, load_split_samples  # noqa: E402
-from diffuseg.methods.zs3d import ZS3DPipeline, build_unet, images_to_tensor, sweep_margin  # noqa: E402
+from diffuseg.methods.zs3d import ZS3DPipeline, build_unet, images_to_tensor  # noqa: E402
 
 logger = logging.getLogger("zs3d_fashion")
 
@@ -47,48 +61,159 @@ FIGURE = RESULTS_MD.parent / "figures" / "zs3d_fashion.png"
 
 
 # ------------------------------------------------------------------------------------------ scoring
+GAMMAS = [round(float(g), 4) for g in np.linspace(0.0, 1.0, 101)]  # the calibration sweep's grid
+
+
 @dataclass
-class Collected:
-    """Raw (γ = 0) cosine scores of one model setting over the evaluated images."""
+class Cell:
+    """One model setting over the evaluated images: confusion matrices at γ = 0 and the model's γ, the
+    seen/unseen/hIoU curve over the γ grid (for the oracle row), and the speed.
 
-    scores: list[np.ndarray]  # (C, H, W) float16 per image
-    labels: list[np.ndarray]  # (H, W) int64 per image
+    Calibration is a constant shift of the seen-class scores, so the (γ = 0) scores of one sampling
+    pass give the labels at every γ. A cell keeps counts, not score maps: a few kB committed as a
+    record, and memory stays flat however many images.
+    """
+
+    matrices: dict[float, np.ndarray]  # γ -> (C, C + 1) int64
+    curve: list[dict[str, float | None]]  # [{gamma, mIoU_seen, mIoU_unseen, hIoU}] over GAMMAS
     seconds_per_image: float
+    num_images: int
+
+    def confusion(self, gamma: float) -> ConfusionMatrix:
+        hits = [g for g in self.matrices if abs(g - gamma) < 1e-6]
+        if not hits:
+            raise ValueError(f"γ = {gamma} was not scored (scored: {sorted(self.matrices)})")
+        m = self.matrices[hits[0]]
+        cm = ConfusionMatrix(m.shape[0], 255)
+        cm.matrix = m.copy()
+        return cm
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "matrices": {str(g): " ".join(map(str, m.ravel().tolist())) for g, m in self.matrices.items()},
+            "num_classes": int(next(iter(self.matrices.values())).shape[0]),
+            "curve": [
+                " ".join("-" if r[k] is None else f"{r[k]:.4f}" for k in CURVE_KEYS) for r in self.curve
+            ],
+            "seconds_per_image": self.seconds_per_image,
+            "num_images": self.num_images,
+        }
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> Cell:
+        c = int(r["num_classes"])
+        matrices = {
+            float(g): np.array(v.split(), dtype=np.int64).reshape(c, c + 1) for g, v in r["matrices"].items()
+        }
+        curve = [
+            {k: None if x == "-" else float(x) for k, x in zip(CURVE_KEYS, line.split(), strict=True)}
+            for line in r["curve"]
+        ]
+        return cls(matrices, curve, float(r["seconds_per_image"]), int(r["num_images"]))
 
 
-def collect(pipe: ZS3DPipeline, samples: list[dict], names: list[str], seed: int, progress: bool, **kw: Any):
-    """Run ``pipe`` once (γ = 0) and keep scores; seconds/image is the median over batches."""
+CURVE_KEYS = ("gamma", "mIoU_seen", "mIoU_unseen", "hIoU")
+
+
+def collect(
+    pipe: ZS3DPipeline,
+    samples: list[dict],
+    names: list[str],
+    unseen: list[str],
+    seed: int,
+    progress: bool,
+    **kw: Any,
+) -> Cell:
+    """Run ``pipe`` once (γ = 0) over ``samples``; seconds/image is the median over batches of 16."""
     from tqdm.auto import tqdm
 
+    gammas = cell_gammas(pipe.config.calibration)
+    seen = pipe.seen_mask(names).numpy().astype(bool)
     gen = torch.Generator().manual_seed(seed)
-    scores, labels, per_image = [], [], []
+    cms = [ConfusionMatrix(len(names), 255) for _ in gammas]
+    per_image = []
     batch = 16
     for start in tqdm(range(0, len(samples), batch), desc=str(kw or "default"), disable=not progress):
         part = samples[start : start + batch]
         t0 = time.perf_counter()
         out = pipe([s["image"] for s in part], class_names=names, calibration=0.0, generator=gen, **kw)
         per_image.append((time.perf_counter() - t0) / len(part))
-        scores += [s.astype(np.float16) for s in out.scores]
-        labels += [s["label"] for s in part]
-    return Collected(scores, labels, float(np.median(per_image)))
+        for scores, s in zip(out.scores, part, strict=True):
+            best_seen, best_unseen = _best_of(np.asarray(scores, np.float32), seen)
+            for cm, g in zip(cms, gammas, strict=True):  # argmax(scores - γ·seen), without the argmax
+                pred = np.where(best_seen[0] - g >= best_unseen[0], best_seen[1], best_unseen[1])
+                cm.update(pred, s["label"])
+    by_gamma = dict(zip(gammas, cms, strict=True))
+    curve = []
+    for g in GAMMAS:
+        m = by_gamma[g].compute(names, unseen)["metrics"]
+        curve.append({"gamma": g, **{k: m.get(k) for k in CURVE_KEYS[1:]}})
+    keep = {0.0, round(float(pipe.config.calibration), 6)}
+    matrices = {g: by_gamma[g].matrix for g in gammas if g in keep}
+    return Cell(matrices, curve, float(np.median(per_image)), len(samples))
 
 
-def metrics_at(col: Collected, gamma: float, seen_mask: np.ndarray, names: list[str], unseen: list[str]):
-    """The shared report metrics of the labels obtained with margin ``gamma``."""
-    cm = ConfusionMatrix(len(names), 255)
-    preds = []
-    for s, lab in zip(col.scores, col.labels, strict=True):
-        pred = np.argmax(s.astype(np.float32) - gamma * seen_mask[:, None, None], axis=0)
-        cm.update(pred, lab)
-        preds.append(pred)
-    return cm.compute(names, unseen), preds
+def _best_of(scores: np.ndarray, seen: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """(max score, class id) over the seen classes and over the others, per pixel of ``(C, H, W)``."""
+    out = []
+    for group in (seen, ~seen):
+        ids = np.flatnonzero(group)
+        if not len(ids):
+            full = np.full(scores.shape[1:], -np.inf, np.float32)
+            out.append((full, np.zeros(scores.shape[1:], np.int64)))
+            continue
+        sub = scores[ids]
+        arg = np.argmax(sub, axis=0)
+        out.append((np.take_along_axis(sub, arg[None], 0)[0], ids[arg]))
+    return out[0], out[1]
 
 
-def oracle(col: Collected, seen_mask: np.ndarray, names: list[str], unseen: list[str]) -> dict[str, Any]:
-    """Best γ on these images using their unseen labels: a diagnostic upper bound, never a setting."""
-    seen_ids = [i for i, c in enumerate(names) if c not in unseen]
-    unseen_ids = [names.index(u) for u in unseen]
-    return sweep_margin(col.scores, col.labels, seen_mask, seen_ids, unseen_ids, np.linspace(0, 1, 101))
+def cell_gammas(gamma: float) -> list[float]:
+    return sorted({*GAMMAS, round(float(gamma), 6)})
+
+
+def run_cell(args, key: str, pipe: ZS3DPipeline, model_dir: Path, samples, names, **kw: Any) -> Cell | None:
+    """A recorded cell (same model weights, data, images, settings) or a fresh run, recorded.
+
+    ``None`` when the cell is not selected (``--cells``) or ``--recorded-only`` and not recorded yet.
+    """
+    c = pipe.config
+    signature = {
+        "model": model_fingerprint(model_dir),
+        "data": dataset_fingerprint(args.data),
+        "split": args.split,
+        "num_images": len(samples),
+        "seed": args.seed,
+        "settings": kw,
+        "sampling": {
+            k: getattr(c, k)
+            for k in ("sampler", "guide_noise", "num_inference_steps", "num_samples", "jump_length", "eta")
+        },
+        "smoothing": c.smoothing,
+        "gammas": {"grid": [GAMMAS[0], GAMMAS[-1], len(GAMMAS)], "model": c.calibration},
+    }
+    if not args.no_records:
+        recorded = load_record(SECTION_ID, key, signature)
+        if recorded is not None:
+            logger.info("%s: committed record (benchmarks/records/%s/%s.json)", key, SECTION_ID, key)
+            return Cell.from_record(recorded)
+    if args.recorded_only or (args.cells and key not in args.cells):
+        logger.info("%s: not recorded yet (skipped)", key)
+        return None
+    cell = collect(pipe, samples, names, args.unseen, args.seed, args.progress, **kw)
+    if not args.no_records:
+        save_record(SECTION_ID, key, signature, cell.to_record())
+    return cell
+
+
+def metrics_at(cell: Cell, gamma: float, names: list[str], unseen: list[str]) -> dict:
+    """The shared report metrics (mmseg semantics, seen/unseen/hIoU) of the labels at margin ``gamma``."""
+    return cell.confusion(gamma).compute(names, unseen)
+
+
+def oracle(cell: Cell) -> dict[str, Any]:
+    """Best γ of the grid on these images using their unseen labels: a diagnostic bound, never a setting."""
+    return max(cell.curve, key=lambda r: (r["hIoU"] or 0.0, -r["gamma"]))  # ties: the smallest margin
 
 
 def fmt(v: float | None) -> str:
@@ -145,7 +270,13 @@ def train_segmenter(images, labels, names, size, steps, seed, work: Path):
 
     task = _SegTask(images, labels, len(names), size)
     cfg = TrainConfig(
-        str(work), steps, batch_size=16, lr=1e-3, seed=seed, checkpoint_every=10**9, progress=False
+        str(work),
+        steps,
+        batch_size=min(16, len(images)),
+        lr=1e-3,
+        seed=seed,
+        checkpoint_every=10**9,
+        progress=False,
     )
     train(task, cfg)
     return task.net.eval()
@@ -207,6 +338,29 @@ def augmentation_rows(args, pipe: ZS3DPipeline, data_dir: Path, names, unseen, v
     return rows
 
 
+def augmentation(args, pipe: ZS3DPipeline, names, unseen, val) -> list[list[str]] | None:
+    """The augmentation rows, recorded like a cell (``None``: not selected / not recorded yet)."""
+    signature = {
+        "model": model_fingerprint(args.zs3d),
+        "data": dataset_fingerprint(args.data),
+        "val_images": len(val),
+        "seed": args.seed,
+        **{k: getattr(args, k) for k in ("aug_real", "aug_gen", "aug_rho", "aug_steps", "aug_seeds")},
+    }
+    if not args.no_records:
+        recorded = load_record(SECTION_ID, "augment", signature)
+        if recorded is not None:
+            logger.info("augment: committed record (benchmarks/records/%s/augment.json)", SECTION_ID)
+            return recorded["rows"]
+    if args.recorded_only or (args.cells and "augment" not in args.cells):
+        logger.info("augment: not recorded yet (skipped)")
+        return None
+    rows = augmentation_rows(args, pipe, args.data, names, unseen, val)
+    if not args.no_records:
+        save_record(SECTION_ID, "augment", signature, {"rows": rows})
+    return rows
+
+
 def generate(pipe: ZS3DPipeline, guides: list[np.ndarray], rho: float, names, args, seed: int):
     xs, ys = [], []
     gen = torch.Generator().manual_seed(seed)
@@ -226,7 +380,9 @@ def generate(pipe: ZS3DPipeline, guides: list[np.ndarray], rho: float, names, ar
 
 
 # ------------------------------------------------------------------------------------------- figure
-def figure(samples, zs3d_preds, base_preds, names, palette, gamma_z, gamma_b, unseen) -> np.ndarray:
+def figure(
+    samples, zs3d: ZS3DPipeline, base: ZS3DPipeline | None, names, palette, unseen, seed: int
+) -> np.ndarray:
     """Image | GT | prediction, ZS3D and baseline side by side, on val scenes that show unseen classes."""
     from diffuseg.viz import image_grid, side_by_side
 
@@ -234,33 +390,22 @@ def figure(samples, zs3d_preds, base_preds, names, palette, gamma_z, gamma_b, un
     pick = [i for i, s in enumerate(samples) if np.isin(s["label"], ids).any()][:4] or list(
         range(min(4, len(samples)))
     )
+    images = [samples[i]["image"] for i in pick]
+    preds = {}
+    for label, pipe in (("ZS3D", zs3d), ("baseline", base)):
+        if pipe is not None:
+            out = pipe(images, class_names=names, generator=torch.Generator().manual_seed(seed))
+            preds[label] = (out.labels, pipe.config.calibration)
     panels = []
-    for i in pick:
-        img, gt = samples[i]["image"], samples[i]["label"]
-        panels.append(
-            side_by_side(
-                img,
-                gt,
-                zs3d_preds[i],
-                palette,
-                names,
-                titles=("image", "ground truth", f"ZS3D γ={gamma_z:.2f}"),
-                min_size=128,
-            )
-        )
-        if base_preds is not None:
+    for j, i in enumerate(pick):
+        for label, (labels, gamma) in preds.items():
+            titles = ("image", "ground truth", f"{label} gamma={gamma:.2f}")  # the font has no γ
             panels.append(
                 side_by_side(
-                    img,
-                    gt,
-                    base_preds[i],
-                    palette,
-                    names,
-                    titles=("image", "ground truth", f"baseline γ={gamma_b:.2f}"),
-                    min_size=128,
+                    images[j], samples[i]["label"], labels[j], palette, names, titles=titles, min_size=128
                 )
             )
-    return image_grid(panels, nrow=2 if base_preds is not None else 1)
+    return image_grid(panels, nrow=len(preds))
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -285,8 +430,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS_MD, help="results markdown to update")
     p.add_argument("--figure", type=Path, default=FIGURE)
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (seconds/image are per thread count)"
+    )
+    p.add_argument(
+        "--cells",
+        default="",
+        help="run only these cells (list of zs3d, zs3d-matched, zs3d-firstN, zs3d-rsK-firstN, baseline, "
+        "augment), e.g. to split the work over processes; the others are read from their records",
+    )
+    p.add_argument("--recorded-only", action="store_true", help="run nothing: tabulate the recorded cells")
+    p.add_argument(
+        "--no-records",
+        action="store_true",
+        help="neither reuse nor write the committed per-cell results in benchmarks/records/",
+    )
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.progress = not args.no_progress
+    args.cells = {c.strip() for c in args.cells.split(",") if c.strip()}
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,83 +457,85 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("accelerate", "diffuseg.train.loop"):  # the segmenter trainings' checkpoint chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    progress = not args.no_progress
     meta = load_meta(args.data)
     names, unseen, palette = list(meta["classes"]), list(meta["unseen"]), meta["palette"]
+    args.unseen = unseen
     samples = [
         s for _, s in zip(range(args.num_images), load_split_samples(args.data, args.split), strict=False)
     ]
     zs3d = ZS3DPipeline.from_pretrained(args.zs3d)
     zs3d.check_dataset_meta(meta)
-    seen_mask = zs3d.seen_mask(names).numpy()
     rs_values = [int(v) for v in args.rs.split(",") if v.strip()]
     n_rs = min(args.rs_images or len(samples), len(samples))
-
-    table, per_class = [], {}
     g = zs3d.config.calibration
-    base_col = collect(zs3d, samples, names, args.seed, progress, resample=0)
-    rep, zs3d_preds = metrics_at(base_col, g, seen_mask, names, unseen)
-    per_class["ZS3D"] = rep["per_class"]
-    table.append(row("ZS3D", rep, g, base_col.seconds_per_image, len(samples)))
-    table.append(
-        row(
-            "ZS3D without calibration",
-            metrics_at(base_col, 0.0, seen_mask, names, unseen)[0],
-            0.0,
-            base_col.seconds_per_image,
-            len(samples),
-        )
-    )
-    orc = oracle(base_col, seen_mask, names, unseen)
+
+    # 1. the cells: one sampling pass each (recorded), every γ row reads the same pass
+    cells: dict[str, Cell | None] = {
+        "zs3d": run_cell(args, "zs3d", zs3d, args.zs3d, samples, names, resample=0)
+    }
     if zs3d.image_timestep and zs3d.config.guide_noise == "clean":  # the original's guidance, same model
-        col_m = collect(zs3d, samples, names, args.seed, progress, guide_noise="matched")
-        rep_m = metrics_at(col_m, g, seen_mask, names, unseen)[0]
-        table.append(
-            row(
-                "ZS3D, matched-noise guidance (the original's)",
-                rep_m,
-                g,
-                col_m.seconds_per_image,
-                len(samples),
-            )
+        cells["zs3d-matched"] = run_cell(
+            args, "zs3d-matched", zs3d, args.zs3d, samples, names, guide_noise="matched"
         )
     positive = [v for v in rs_values if v > 0]
+    ref_key = f"zs3d-first{n_rs}"
     if positive and n_rs < len(samples):  # the RS(0) reference on exactly the images of the RS rows
-        short = Collected(base_col.scores[:n_rs], base_col.labels[:n_rs], base_col.seconds_per_image)
-        ref = metrics_at(short, g, seen_mask, names, unseen)[0]
-        table.append(row("ZS3D, first images only (RS(0) reference)", ref, g, None, n_rs))
+        cells[ref_key] = run_cell(args, ref_key, zs3d, args.zs3d, samples[:n_rs], names, resample=0)
     for n in positive:
-        col = collect(zs3d, samples[:n_rs], names, args.seed, progress, resample=n)
-        rep_n = metrics_at(col, g, seen_mask, names, unseen)[0]
-        table.append(row(f"ZS3D + RS({n})", rep_n, g, col.seconds_per_image, n_rs))
-
-    base_preds, gb = None, 0.0
+        key = f"zs3d-rs{n}-first{n_rs}"
+        cells[key] = run_cell(args, key, zs3d, args.zs3d, samples[:n_rs], names, resample=n)
+    base, gb = None, 0.0
     if args.baseline is not None:
         base = ZS3DPipeline.from_pretrained(args.baseline)
         gb = base.config.calibration
-        bcol = collect(base, samples, names, args.seed, progress)
-        rep_b, base_preds = metrics_at(bcol, gb, seen_mask, names, unseen)
+        cells["baseline"] = run_cell(args, "baseline", base, args.baseline, samples, names)
+    aug_rows = augmentation(args, zs3d, names, unseen, samples) if args.augment else None
+    missing = [k for k, c in cells.items() if c is None] + (
+        ["augment"] if args.augment and aug_rows is None else []
+    )
+    if missing:
+        logger.info(
+            "not tabulated: %s still to run (%s); recorded cells are kept", ", ".join(missing), args.out
+        )
+        return
+
+    # 2. the table: calibrated and uncalibrated rows, the oracle as a diagnostic
+    table, per_class = [], {}
+    z = cells["zs3d"]
+    assert z is not None
+    rep = metrics_at(z, g, names, unseen)
+    per_class["ZS3D"] = rep["per_class"]
+    table.append(row("ZS3D", rep, g, z.seconds_per_image, z.num_images))
+    table.append(
+        row(
+            "ZS3D without calibration",
+            metrics_at(z, 0.0, names, unseen),
+            0.0,
+            z.seconds_per_image,
+            z.num_images,
+        )
+    )
+    if (m := cells.get("zs3d-matched")) is not None:
+        label = "ZS3D, matched-noise guidance (the original's)"
+        table.append(row(label, metrics_at(m, g, names, unseen), g, m.seconds_per_image, m.num_images))
+    if (ref := cells.get(ref_key)) is not None:
+        table.append(
+            row("ZS3D, first images only (RS(0) reference)", metrics_at(ref, g, names, unseen), g, None, n_rs)
+        )
+    for n in positive:
+        c = cells[f"zs3d-rs{n}-first{n_rs}"]
+        assert c is not None
+        table.append(row(f"ZS3D + RS({n})", metrics_at(c, g, names, unseen), g, c.seconds_per_image, n_rs))
+    if (b := cells.get("baseline")) is not None:
+        rep_b = metrics_at(b, gb, names, unseen)
         per_class["SPNet-like baseline"] = rep_b["per_class"]
-        table.append(
-            row(
-                "SPNet-like baseline (same UNet, same classifier)",
-                rep_b,
-                gb,
-                bcol.seconds_per_image,
-                len(samples),
-            )
-        )
-        table.append(
-            row(
-                "SPNet-like baseline without calibration",
-                metrics_at(bcol, 0.0, seen_mask, names, unseen)[0],
-                0.0,
-                bcol.seconds_per_image,
-                len(samples),
-            )
-        )
+        label = "SPNet-like baseline (same UNet, same classifier)"
+        table.append(row(label, rep_b, gb, b.seconds_per_image, b.num_images))
+        label = "SPNet-like baseline without calibration"
+        table.append(row(label, metrics_at(b, 0.0, names, unseen), 0.0, b.seconds_per_image, b.num_images))
+    orc = oracle(z)
     table.append(
         [
             "*oracle γ for ZS3D (uses unseen val labels; diagnostic only)*",
@@ -380,12 +545,12 @@ def main(argv: list[str] | None = None) -> None:
             "-",
             fmt(orc["hIoU"]),
             "-",
-            str(len(samples)),
+            str(z.num_images),
         ]
     )
 
-    aug_rows = augmentation_rows(args, zs3d, args.data, names, unseen, samples) if args.augment else None
-    fig = figure(samples, zs3d_preds, base_preds, names, palette, g, gb, unseen)
+    # 3. figure (a fresh pass over the few example scenes) and the section
+    fig = figure(samples, zs3d, base, names, palette, unseen, args.seed)
     if not args.no_write:
         from diffuseg.viz import save_figure
 
@@ -403,7 +568,10 @@ def render(args, zs3d: ZS3DPipeline, table, per_class, names, unseen, aug_rows, 
     lines = [
         "## ZS3D: zero-shot segmentation on FashionScenes",
         "",
-        provenance(threads=1),
+        provenance(threads=args.threads),
+        f"- each cell (one sampling pass; every γ row reads it) is recorded in "
+        f"`benchmarks/records/{SECTION_ID}/` with its date and machine, so the table can be filled in "
+        "chunks across sessions",
         f"- data: `{args.data}` {args.split}, unseen = {', '.join(unseen)}; checkpoints `{args.zs3d}`"
         + (f", `{args.baseline}`" if args.baseline else ""),
         f"- ZS3D sampling: {c.sampler}, {c.num_inference_steps} steps, {c.guide_noise} guidance, "
@@ -412,7 +580,7 @@ def render(args, zs3d: ZS3DPipeline, table, per_class, names, unseen, aug_rows, 
         f"- γ: calibrated stacking margin chosen without unseen labels (pseudo-unseen "
         f"{', '.join(cal.get('pseudo_unseen', [])) or '-'}, {cal.get('num_holdout', '-')} held-out seen-only "
         "training images, see docs/methods.md)",
-        f"- total run time {seconds / 60:.1f} min",
+        f"- this invocation: {seconds / 60:.1f} min",
         "",
         markdown_table(
             ["setting", "γ", "mIoU seen", "mIoU unseen", "mIoU", "hIoU", "s/image", "images"], table
