@@ -61,58 +61,60 @@ FIGURE = RESULTS_MD.parent / "figures" / "zs3d_fashion.png"
 
 
 # ------------------------------------------------------------------------------------------ scoring
-GAMMAS = [round(float(g), 4) for g in np.linspace(0.0, 1.0, 101)]  # the calibration sweep's grid
+GAMMAS = [round(float(g), 4) for g in np.linspace(0.0, 2.0, 201)]  # the calibration grid (configs/zs3d.yaml)
 
 
 @dataclass
 class Cell:
-    """One model setting over the evaluated images: confusion matrices at γ = 0 and the model's γ, the
-    seen/unseen/hIoU curve over the γ grid (for the oracle row), and the speed.
+    """One model setting over the evaluated images: its metrics at every margin γ of the grid, and speed.
 
     Calibration is a constant shift of the seen-class scores, so the (γ = 0) scores of one sampling
-    pass give the labels at every γ. A cell keeps counts, not score maps: a few kB committed as a
-    record, and memory stays flat however many images.
+    pass give the labels at every γ. A cell keeps, per γ, mIoU, seen, unseen, hIoU and per-class IoU
+    (not score maps): a record of a few kB that does not depend on the model's calibrated γ (a
+    recalibration reuses it), and memory stays flat however many images.
     """
 
-    matrices: dict[float, np.ndarray]  # γ -> (C, C + 1) int64
-    curve: list[dict[str, float | None]]  # [{gamma, mIoU_seen, mIoU_unseen, hIoU}] over GAMMAS
+    names: list[str]
+    points: dict[float, dict[str, Any]]  # γ -> {"metrics": {...}, "per_class": {name: {"IoU": v}}}
     seconds_per_image: float
     num_images: int
 
-    def confusion(self, gamma: float) -> ConfusionMatrix:
-        hits = [g for g in self.matrices if abs(g - gamma) < 1e-6]
+    def report(self, gamma: float) -> dict[str, Any]:
+        hits = [g for g in self.points if abs(g - gamma) < 1e-6]
         if not hits:
-            raise ValueError(f"γ = {gamma} was not scored (scored: {sorted(self.matrices)})")
-        m = self.matrices[hits[0]]
-        cm = ConfusionMatrix(m.shape[0], 255)
-        cm.matrix = m.copy()
-        return cm
+            raise ValueError(
+                f"γ = {gamma} is not on the grid this cell was scored on ({min(self.points)}.."
+                f"{max(self.points)}, {len(self.points)} points): rerun it with --no-records, or calibrate "
+                "on the same grid"
+            )
+        return self.points[hits[0]]
 
     def to_record(self) -> dict[str, Any]:
+        def line(g: float) -> str:
+            r = self.points[g]
+            vals = [r["metrics"][k] for k in METRIC_KEYS] + [r["per_class"][n]["IoU"] for n in self.names]
+            return " ".join([f"{g:g}"] + ["-" if v is None else f"{v:.3f}" for v in vals])
+
         return {
-            "matrices": {str(g): " ".join(map(str, m.ravel().tolist())) for g, m in self.matrices.items()},
-            "num_classes": int(next(iter(self.matrices.values())).shape[0]),
-            "curve": [
-                " ".join("-" if r[k] is None else f"{r[k]:.4f}" for k in CURVE_KEYS) for r in self.curve
-            ],
+            "columns": ["gamma", *METRIC_KEYS, *self.names],
+            "points": [line(g) for g in sorted(self.points)],
             "seconds_per_image": self.seconds_per_image,
             "num_images": self.num_images,
         }
 
     @classmethod
     def from_record(cls, r: dict[str, Any]) -> Cell:
-        c = int(r["num_classes"])
-        matrices = {
-            float(g): np.array(v.split(), dtype=np.int64).reshape(c, c + 1) for g, v in r["matrices"].items()
-        }
-        curve = [
-            {k: None if x == "-" else float(x) for k, x in zip(CURVE_KEYS, line.split(), strict=True)}
-            for line in r["curve"]
-        ]
-        return cls(matrices, curve, float(r["seconds_per_image"]), int(r["num_images"]))
+        names = r["columns"][1 + len(METRIC_KEYS) :]
+        points = {}
+        for text in r["points"]:
+            g, *vals = [None if x == "-" else float(x) for x in text.split()]
+            metrics = dict(zip(METRIC_KEYS, vals[: len(METRIC_KEYS)], strict=True))
+            per_class = {n: {"IoU": v} for n, v in zip(names, vals[len(METRIC_KEYS) :], strict=True)}
+            points[g] = {"metrics": metrics, "per_class": per_class}
+        return cls(names, points, float(r["seconds_per_image"]), int(r["num_images"]))
 
 
-CURVE_KEYS = ("gamma", "mIoU_seen", "mIoU_unseen", "hIoU")
+METRIC_KEYS = ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU")
 
 
 def collect(
@@ -127,7 +129,7 @@ def collect(
     """Run ``pipe`` once (γ = 0) over ``samples``; seconds/image is the median over batches of 16."""
     from tqdm.auto import tqdm
 
-    gammas = cell_gammas(pipe.config.calibration)
+    gammas = sorted({*GAMMAS, round(float(pipe.config.calibration), 6)})
     seen = pipe.seen_mask(names).numpy().astype(bool)
     gen = torch.Generator().manual_seed(seed)
     cms = [ConfusionMatrix(len(names), 255) for _ in gammas]
@@ -143,14 +145,14 @@ def collect(
             for cm, g in zip(cms, gammas, strict=True):  # argmax(scores - γ·seen), without the argmax
                 pred = np.where(best_seen[0] - g >= best_unseen[0], best_seen[1], best_unseen[1])
                 cm.update(pred, s["label"])
-    by_gamma = dict(zip(gammas, cms, strict=True))
-    curve = []
-    for g in GAMMAS:
-        m = by_gamma[g].compute(names, unseen)["metrics"]
-        curve.append({"gamma": g, **{k: m.get(k) for k in CURVE_KEYS[1:]}})
-    keep = {0.0, round(float(pipe.config.calibration), 6)}
-    matrices = {g: by_gamma[g].matrix for g in gammas if g in keep}
-    return Cell(matrices, curve, float(np.median(per_image)), len(samples))
+    points = {}
+    for g, cm in zip(gammas, cms, strict=True):
+        rep = cm.compute(names, unseen)
+        points[g] = {
+            "metrics": {k: rep["metrics"].get(k) for k in METRIC_KEYS},
+            "per_class": {n: {"IoU": rep["per_class"][n]["IoU"]} for n in names},
+        }
+    return Cell(list(names), points, float(np.median(per_image)), len(samples))
 
 
 def _best_of(scores: np.ndarray, seen: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
@@ -166,10 +168,6 @@ def _best_of(scores: np.ndarray, seen: np.ndarray) -> tuple[tuple[np.ndarray, np
         arg = np.argmax(sub, axis=0)
         out.append((np.take_along_axis(sub, arg[None], 0)[0], ids[arg]))
     return out[0], out[1]
-
-
-def cell_gammas(gamma: float) -> list[float]:
-    return sorted({*GAMMAS, round(float(gamma), 6)})
 
 
 def run_cell(args, key: str, pipe: ZS3DPipeline, model_dir: Path, samples, names, **kw: Any) -> Cell | None:
@@ -190,7 +188,7 @@ def run_cell(args, key: str, pipe: ZS3DPipeline, model_dir: Path, samples, names
             for k in ("sampler", "guide_noise", "num_inference_steps", "num_samples", "jump_length", "eta")
         },
         "smoothing": c.smoothing,
-        "gammas": {"grid": [GAMMAS[0], GAMMAS[-1], len(GAMMAS)], "model": c.calibration},
+        "gammas": [GAMMAS[0], GAMMAS[-1], len(GAMMAS)],
     }
     if not args.no_records:
         recorded = load_record(SECTION_ID, key, signature)
@@ -206,14 +204,10 @@ def run_cell(args, key: str, pipe: ZS3DPipeline, model_dir: Path, samples, names
     return cell
 
 
-def metrics_at(cell: Cell, gamma: float, names: list[str], unseen: list[str]) -> dict:
-    """The shared report metrics (mmseg semantics, seen/unseen/hIoU) of the labels at margin ``gamma``."""
-    return cell.confusion(gamma).compute(names, unseen)
-
-
 def oracle(cell: Cell) -> dict[str, Any]:
     """Best γ of the grid on these images using their unseen labels: a diagnostic bound, never a setting."""
-    return max(cell.curve, key=lambda r: (r["hIoU"] or 0.0, -r["gamma"]))  # ties: the smallest margin
+    best = max(GAMMAS, key=lambda g: (cell.report(g)["metrics"]["hIoU"] or 0.0, -g))  # ties: smallest γ
+    return {"gamma": best, **cell.report(best)["metrics"]}
 
 
 def fmt(v: float | None) -> str:
@@ -505,13 +499,13 @@ def main(argv: list[str] | None = None) -> None:
     table, per_class = [], {}
     z = cells["zs3d"]
     assert z is not None
-    rep = metrics_at(z, g, names, unseen)
+    rep = z.report(g)
     per_class["ZS3D"] = rep["per_class"]
     table.append(row("ZS3D", rep, g, z.seconds_per_image, z.num_images))
     table.append(
         row(
             "ZS3D without calibration",
-            metrics_at(z, 0.0, names, unseen),
+            z.report(0.0),
             0.0,
             z.seconds_per_image,
             z.num_images,
@@ -519,22 +513,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     if (m := cells.get("zs3d-matched")) is not None:
         label = "ZS3D, matched-noise guidance (the original's)"
-        table.append(row(label, metrics_at(m, g, names, unseen), g, m.seconds_per_image, m.num_images))
+        table.append(row(label, m.report(g), g, m.seconds_per_image, m.num_images))
     if (ref := cells.get(ref_key)) is not None:
-        table.append(
-            row("ZS3D, first images only (RS(0) reference)", metrics_at(ref, g, names, unseen), g, None, n_rs)
-        )
+        table.append(row("ZS3D, first images only (RS(0) reference)", ref.report(g), g, None, n_rs))
     for n in positive:
         c = cells[f"zs3d-rs{n}-first{n_rs}"]
         assert c is not None
-        table.append(row(f"ZS3D + RS({n})", metrics_at(c, g, names, unseen), g, c.seconds_per_image, n_rs))
+        table.append(row(f"ZS3D + RS({n})", c.report(g), g, c.seconds_per_image, n_rs))
     if (b := cells.get("baseline")) is not None:
-        rep_b = metrics_at(b, gb, names, unseen)
+        rep_b = b.report(gb)
         per_class["SPNet-like baseline"] = rep_b["per_class"]
         label = "SPNet-like baseline (same UNet, same classifier)"
         table.append(row(label, rep_b, gb, b.seconds_per_image, b.num_images))
         label = "SPNet-like baseline without calibration"
-        table.append(row(label, metrics_at(b, 0.0, names, unseen), 0.0, b.seconds_per_image, b.num_images))
+        table.append(row(label, b.report(0.0), 0.0, b.seconds_per_image, b.num_images))
     orc = oracle(z)
     table.append(
         [
