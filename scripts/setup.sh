@@ -14,4 +14,4 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     sudo sh -c 'apt-get update -q && apt-get install -y -q dataset-fashion-mnist' >/dev/null
   fi
 fi
-"$PY" -m pip install --quiet -e ".[test,esda]"
+"$PY" -m pip install --quiet -e ".[test,esda,glove]"
