@@ -11,8 +11,8 @@ Rows, all scored with :mod:`diffuseg.eval` (mmseg semantics, seen/unseen/hIoU fr
   choice), to show how much the label-free calibration leaves on the table.
 
 Each cell (model, sampling setting, images) is one sampling pass with γ = 0 and the same seed;
-calibration is a constant shift of the seen-class scores, so the pass yields a confusion matrix at
-every γ of the grid and every γ row reuses it exactly. Cells are recorded under
+calibration is a constant shift of the seen-class scores, so the pass yields the metrics at every
+γ of the grid and every γ row reuses them exactly. Cells are recorded under
 ``benchmarks/records/zs3d-fashion/`` (reused only with the same weights, data and settings): the
 table can be filled across sessions, or by processes in parallel (``--cells``), then tabulated
 with ``--recorded-only``. ``--augment`` adds the data
@@ -70,7 +70,7 @@ class Cell:
 
     Calibration is a constant shift of the seen-class scores, so the (γ = 0) scores of one sampling
     pass give the labels at every γ. A cell keeps, per γ, mIoU, seen, unseen, hIoU and per-class IoU
-    (not score maps): a record of a few kB that does not depend on the model's calibrated γ (a
+    (not score maps): a record of ~20 kB that does not depend on the model's calibrated γ (a
     recalibration reuses it), and memory stays flat however many images.
     """
 
