@@ -171,10 +171,7 @@ def _best_of(scores: np.ndarray, seen: np.ndarray) -> tuple[tuple[np.ndarray, np
 
 
 def run_cell(args, key: str, pipe: ZS3DPipeline, model_dir: Path, samples, names, **kw: Any) -> Cell | None:
-    """A recorded cell (same model weights, data, images, settings) or a fresh run, recorded.
-
-    ``None`` when the cell is not selected (``--cells``) or ``--recorded-only`` and not recorded yet.
-    """
+    """A recorded cell (same model weights, data, images, settings) or a fresh run, recorded."""
     c = pipe.config
     signature = {
         "model": model_fingerprint(model_dir),
@@ -190,18 +187,32 @@ def run_cell(args, key: str, pipe: ZS3DPipeline, model_dir: Path, samples, names
         "smoothing": c.smoothing,
         "gammas": [GAMMAS[0], GAMMAS[-1], len(GAMMAS)],
     }
+    result = recorded(
+        args,
+        key,
+        signature,
+        lambda: collect(pipe, samples, names, args.unseen, args.seed, args.progress, **kw).to_record(),
+    )
+    return None if result is None else Cell.from_record(result)
+
+
+def recorded(args, key: str, signature: dict, compute) -> dict | None:
+    """The committed record of cell ``key`` under ``signature``, else ``compute()`` (recorded).
+
+    ``None`` when the cell is not selected (``--cells``) or ``--recorded-only`` and not recorded yet.
+    """
     if not args.no_records:
-        recorded = load_record(SECTION_ID, key, signature)
-        if recorded is not None:
+        result = load_record(SECTION_ID, key, signature)
+        if result is not None:
             logger.info("%s: committed record (benchmarks/records/%s/%s.json)", key, SECTION_ID, key)
-            return Cell.from_record(recorded)
+            return result
     if args.recorded_only or (args.cells and key not in args.cells):
         logger.info("%s: not recorded yet (skipped)", key)
         return None
-    cell = collect(pipe, samples, names, args.unseen, args.seed, args.progress, **kw)
+    result = compute()
     if not args.no_records:
-        save_record(SECTION_ID, key, signature, cell.to_record())
-    return cell
+        save_record(SECTION_ID, key, signature, result)
+    return result
 
 
 def oracle(cell: Cell) -> dict[str, Any]:
@@ -341,18 +352,13 @@ def augmentation(args, pipe: ZS3DPipeline, names, unseen, val) -> list[list[str]
         "seed": args.seed,
         **{k: getattr(args, k) for k in ("aug_real", "aug_gen", "aug_rho", "aug_steps", "aug_seeds")},
     }
-    if not args.no_records:
-        recorded = load_record(SECTION_ID, "augment", signature)
-        if recorded is not None:
-            logger.info("augment: committed record (benchmarks/records/%s/augment.json)", SECTION_ID)
-            return recorded["rows"]
-    if args.recorded_only or (args.cells and "augment" not in args.cells):
-        logger.info("augment: not recorded yet (skipped)")
-        return None
-    rows = augmentation_rows(args, pipe, args.data, names, unseen, val)
-    if not args.no_records:
-        save_record(SECTION_ID, "augment", signature, {"rows": rows})
-    return rows
+    result = recorded(
+        args,
+        "augment",
+        signature,
+        lambda: {"rows": augmentation_rows(args, pipe, args.data, names, unseen, val)},
+    )
+    return None if result is None else result["rows"]
 
 
 def generate(pipe: ZS3DPipeline, guides: list[np.ndarray], rho: float, names, args, seed: int):
