@@ -649,6 +649,7 @@ def test_train_export_segment_and_evaluate_episodes(fashion_dir, text_dir, tmp_p
     )
     assert "never trained on: coat, sandal" in card.read_text() and "3 steps" in card.read_text()
     assert "![sample](sample.png)" in card.read_text()
+    assert "| train | 0 → 3 |" in card.read_text()  # the training history
     assert read_image(result.export_dir / "sample.png").shape[2] == 3
     res = CliRunner().invoke(
         app,

@@ -367,6 +367,7 @@ def test_train_cli_exports_a_loadable_checkpoint_with_card(tiny, tmp_path):
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
     card = (shipped / "README.md").read_text()
     assert f'from_pretrained("{shipped}")' in card and "diffuseg train seg-diffusion" in card
+    assert "## Training history" in card and "| train | 0 → " in card  # kept without the run folder
     again = SegDiffusionPipeline.from_pretrained(str(shipped))
     assert again.config.ensemble_size == 2 and again.unseen_classes == ["sandal", "coat"]
 

@@ -29,8 +29,9 @@ def _config(out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
-def _log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+def _log(out: Path, kinds: tuple[str, ...] = ("train", "eval")) -> list[dict]:
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] in kinds]
 
 
 def _params(task) -> list[torch.Tensor]:
@@ -119,6 +120,26 @@ def test_resume_from_explicit_checkpoint_and_resume_false(tmp_path: Path) -> Non
         train(tiny.TinyTask(), _config(tmp_path, max_steps=4, resume=False))
     with pytest.raises(ValueError, match="not a diffuseg checkpoint"):
         train(tiny.TinyTask(), config, resume_from=tmp_path)
+
+
+def test_every_call_is_logged_as_a_session_for_the_card(tmp_path: Path) -> None:
+    """Chunks, a budget change half-way and a re-export: the card's history says what happened."""
+    from diffuseg.train.model_card import history_section, training_history
+
+    train(tiny.TinyTask(), _config(tmp_path, max_steps=6, max_minutes=1e-6))
+    train(tiny.TinyTask(), _config(tmp_path, max_steps=4, max_minutes=5.0))  # budget cut; time box moved
+    train(tiny.TinyTask(), _config(tmp_path, max_steps=4))  # finished: re-export only
+    sessions = _log(tmp_path, ("session",))
+    assert [s["step"] for s in sessions] == [0, 1, 4]
+    assert "changed" not in sessions[0] and "changed" not in sessions[2]
+    assert sessions[1]["changed"] == {"max_steps": [6, 4]}  # max_minutes is not a recipe change
+    assert all(s["date"].endswith("+00:00") and s["command"] and s["processes"] == 1 for s in sessions)
+
+    table = training_history({"main": tmp_path, "missing": tmp_path / "nope"}).splitlines()
+    assert len(table) == 4  # header, separator, two sessions: the re-export trained nothing
+    assert table[2].startswith("| main | 0 → 1 |") and table[2].endswith("| — |")
+    assert table[3].startswith("| main | 1 → 4 |") and table[3].endswith("| max_steps 6 → 4 |")
+    assert history_section(training_history({"none": tmp_path / "nope"})) == []
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="flock-based lock")

@@ -531,6 +531,8 @@ def test_cli_train_runs_every_stage_and_resumes(dataset, tmp_path, monkeypatch, 
     assert info["calibration_training"]["excluded_classes"] == ["green square", *info["pseudo_unseen"]]
     assert config["calibration"] == info["gamma"]
     assert "hIoU" in (final / "README.md").read_text() and (final / "samples.png").is_file()
+    history = (final / "README.md").read_text().split("## Training history")[1].split("## Calibration")[0]
+    assert "| main | 0 → " in history and "| calibration | 0 → " in history  # both loops' sessions
     mtime = (final / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime
     res = CliRunner().invoke(app, args)  # everything done: nothing is retrained
     assert (

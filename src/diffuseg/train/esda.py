@@ -406,7 +406,7 @@ def write_model_card(
     import json
 
     from diffuseg.io import atomic_write
-    from diffuseg.train.model_card import read_log
+    from diffuseg.train.model_card import history_section, read_log, training_history
 
     root = Path(checkpoint)
     cfg = json.loads((root / "config.json").read_text())
@@ -448,6 +448,7 @@ def write_model_card(
             f"- {last['step']} steps, {last.get('samples', 0)} samples, {last.get('time', 0) / 3600:.2f} h; "
             f"last loss {last['loss']:.4f} (main {last.get('loss_main', float('nan')):.4f})"
         )
+    lines += history_section(training_history({"train": Path(run_dir)}) if run_dir is not None else "")
     lines += ["", "## Results"]
     if semantic_report:
         m = semantic_report["metrics"]

@@ -22,7 +22,7 @@ geometry it continues from the equivalent sample position and warns.
 Output directory::
 
     output_dir/train_config.yaml                 resolved TrainConfig
-    output_dir/log.jsonl                         {"kind": "train"|"eval", "step", ...} per line
+    output_dir/log.jsonl                         {"kind": "train"|"eval"|"session", "step", ...} per line
     output_dir/checkpoints/step_000500/          accelerator state + ema.safetensors + trainer_state.json
     output_dir/final/                            task.save_pretrained(EMA weights) when finished
 """
@@ -34,14 +34,17 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
+import sys
 import threading
 import time
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -399,7 +402,8 @@ def _train(
         state = _load_checkpoint(acc, resume_path)
     ema = _make_ema(acc, model, config, resume_path)
     if main:
-        _prepare_output_dir(out, config, state.step)
+        changed = _prepare_output_dir(out, config, state.step)
+        _log_session(out, state, acc.num_processes, changed)
     acc.wait_for_everyone()
 
     micro_step = _data_position(state, config, acc)
@@ -664,6 +668,26 @@ def _write_train_log(
     return means["loss"]
 
 
+def _log_session(out: Path, state: _TrainerState, num_processes: int, changed: dict[str, list[Any]]) -> None:
+    """One ``session`` record per call of :func:`train`: the run's history, for its model card.
+
+    A run trained in chunks over days (time boxes, recipe changes, other machines) is otherwise only
+    described by its last command; these records keep every invocation, its start step and date,
+    and the config keys that changed at that point (e.g. ``max_steps`` cut to fit a budget).
+    """
+    record = {
+        "kind": "session",
+        "step": state.step,
+        "time": round(state.train_seconds, 3),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
+        "processes": num_processes,
+    }
+    if changed:
+        record["changed"] = changed
+    _append_log(out, record)
+
+
 def _append_log(out: Path, record: Mapping[str, Any]) -> None:
     with open(out / LOG_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -855,25 +879,37 @@ def _save_checkpoint(
     return final
 
 
-def _prepare_output_dir(out: Path, config: TrainConfig, step: int) -> None:
-    """Create ``out``, drop half-written checkpoints, save the config, cut the log back to ``step``."""
+def _prepare_output_dir(out: Path, config: TrainConfig, step: int) -> dict[str, list[Any]]:
+    """Create ``out``, drop half-written checkpoints, save the config, cut the log back to ``step``.
+
+    Returns the config keys that changed since the last call, as ``{key: [old, new]}``.
+    """
     out.mkdir(parents=True, exist_ok=True)
     for stale in (out / CHECKPOINT_DIR).glob(".tmp_*"):
         shutil.rmtree(stale)
-    _write_config(out / CONFIG_FILE, config)
+    changed = _write_config(out / CONFIG_FILE, config)
     _truncate_log(out / LOG_FILE, step)
+    return changed
 
 
-def _write_config(path: Path, config: TrainConfig) -> None:
+# Keys that say where and how a chunk ran, not how the model is trained: not worth a history line.
+_SESSION_KEYS = frozenset({"max_minutes", "progress", "resume", "output_dir"})
+
+
+def _write_config(path: Path, config: TrainConfig) -> dict[str, list[Any]]:
     new = config.to_dict()
+    changed: dict[str, list[Any]] = {}
     if path.is_file():
         old = yaml.safe_load(path.read_text()) or {}
-        changed = sorted(k for k in new if k in old and old[k] != new[k])
+        changed = {
+            k: [old[k], new[k]]
+            for k in sorted(new)
+            if k in old and old[k] != new[k] and k not in _SESSION_KEYS
+        }
         if changed:
-            logger.warning(
-                "training config changed since the last run: %s", {k: (old[k], new[k]) for k in changed}
-            )
+            logger.warning("training config changed since the last run: %s", changed)
     path.write_text(yaml.safe_dump(new, sort_keys=False))
+    return changed
 
 
 def _truncate_log(path: Path, step: int) -> None:

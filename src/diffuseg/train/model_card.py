@@ -21,7 +21,14 @@ from diffuseg.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["backbone_gate", "read_log", "sample_picture", "ship_backbone"]
+__all__ = [
+    "backbone_gate",
+    "history_section",
+    "read_log",
+    "sample_picture",
+    "ship_backbone",
+    "training_history",
+]
 
 SAMPLE_PROMPTS = (
     "a red sandal on grass",
@@ -38,6 +45,50 @@ def read_log(run_dir: Path, kind: str) -> list[dict[str, Any]]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r.get("kind") == kind]
+
+
+def training_history(runs: dict[str, Path]) -> str:
+    """A markdown table of every training session of ``runs`` (stage name -> run folder), or ``""``.
+
+    Runs trained in chunks (time boxes, several machines, a recipe changed half-way) cannot be
+    reproduced from their last command alone. The training loop logs a ``session`` record per call
+    (start step, date, command, changed config keys); each row here spans one session up to the next
+    one's start (the last ends at the last logged step). Calls that trained nothing and changed
+    nothing (re-exports of a finished run) are left out.
+    """
+    rows = []
+    for name, run in runs.items():
+        sessions, trained = read_log(run, "session"), read_log(run, "train")
+        if not sessions:
+            continue
+        ends = [(s["step"], s.get("time", 0.0)) for s in sessions[1:]]
+        if trained:
+            ends.append((trained[-1]["step"], trained[-1].get("time", 0.0)))
+        else:
+            ends.append((sessions[-1]["step"], sessions[-1].get("time", 0.0)))
+        for session, (end, end_time) in zip(sessions, ends, strict=True):
+            changed = session.get("changed") or {}
+            if end <= session["step"] and not changed:
+                continue
+            change = ", ".join(f"{k} {old} → {new}" for k, (old, new) in changed.items())
+            command = str(session.get("command", "")).replace("|", "\\|")
+            hours = max(0.0, end_time - session.get("time", 0.0)) / 3600
+            rows.append(
+                f"| {name} | {session['step']:,} → {end:,} | {str(session.get('date', '?'))[:16]} | "
+                f"{hours:.2f} | `{command}` | {change or '—'} |"
+            )
+    if not rows:
+        return ""
+    head = "| stage | steps | started (UTC) | hours | command | config changed |\n|---|---|---|---|---|---|"
+    return "\n".join([head, *rows])
+
+
+def history_section(history: str) -> list[str]:
+    """Card lines for a :func:`training_history` table (none when there is no history)."""
+    if not history:
+        return []
+    intro = "Every call of the training loop (the `session` records of `log.jsonl`):"
+    return ["", "## Training history", "", intro, "", history]
 
 
 def _loss_plot(runs: dict[str, Path], path: Path) -> None:
@@ -194,6 +245,7 @@ It is the default backbone of `diffseg`, `ddpm-seg` and `seg-diffusion`:
 - data: {data}
 {chr(10).join(stages)}
 - architecture and recipe: `diffuseg.backbones.presets.MINI_SD`, `configs/mini-sd.yaml`, `docs/methods.md`
+{chr(10).join(history_section(training_history(runs)))}
 
 ## Metrics
 

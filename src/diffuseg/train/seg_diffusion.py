@@ -455,8 +455,10 @@ class SegDiffusionTask:
         pipeline_defaults: dict[str, Any] | None = None,
         val_data_dir: str | os.PathLike | None = None,
         info: dict[str, Any] | None = None,
+        run_dir: str | os.PathLike | None = None,
     ) -> None:
         self.backbone, self.settings = backbone, settings
+        self.run_dir = Path(run_dir) if run_dir is not None else None  # its log gives the card's history
         self.cache_dir = Path(cache_dir)
         record = json.loads((self.cache_dir / "done.json").read_text())["key"]
         self.classes, self.seen, self.unseen = record["classes"], record["seen"], record["unseen"]
@@ -563,7 +565,13 @@ class SegDiffusionTask:
         return {f"val_{k}": v for k, v in metrics.items() if v is not None}
 
     def save_pretrained(self, model: nn.Module, out_dir: Path) -> None:
-        """The fine-tuned backbone (diffusers layout), its pipeline defaults and a model card."""
+        """The fine-tuned backbone (diffusers layout), its pipeline defaults and a model card.
+
+        The training history is stored in the config, so a card rewritten later (benchmarks do, after
+        a full evaluation) keeps it when the run folder is gone.
+        """
+        from diffuseg.train.model_card import training_history
+
         bb = self.backbone
         bb.config.method_defaults[METHOD] = dict(self.pipeline_defaults)
         bb.config.info[METHOD] = {
@@ -574,6 +582,7 @@ class SegDiffusionTask:
             "prompt_templates": self.settings.prompt_templates,
             "settings": asdict(self.settings),
             "val_metrics": self.last_metrics,
+            "history": training_history({"train": self.run_dir}) if self.run_dir is not None else "",
         }
         bb.save_pretrained(out_dir)
         sample = self._card_sample(Path(out_dir))
@@ -628,6 +637,7 @@ def write_model_card(
     numbers recorded at export. Benchmarks call this again after evaluating.
     """
     from diffuseg.backbones.latent import DIFFUSEG_CONFIG
+    from diffuseg.train.model_card import history_section
 
     root = Path(checkpoint_dir)
     shown = root.parent / root.name.removeprefix(".tmp_")  # the training loop exports via a temp folder
@@ -670,6 +680,7 @@ def write_model_card(
         f"checkpoint; quick validation at step {info.get('val_metrics', {}).get('step', '?')}); "
         f"recipe: `{json.dumps(info.get('recipe', {}))}`",
         f"- settings: `{json.dumps(info.get('settings', {}))}`",
+        *history_section(info.get("history", "")),
         "",
         '## Inference defaults (`method_defaults["seg-diffusion"]`)',
         "",
@@ -746,7 +757,9 @@ def train_seg_diffusion(
         "recipe": {k: v for k, v in train_values.items() if k not in ("output_dir", "progress")},
         "steps": loop_cfg.max_steps,
     }
-    task = SegDiffusionTask(bb, cache, settings, config.get("pipeline"), val_data_dir=data_dir, info=info)
+    task = SegDiffusionTask(
+        bb, cache, settings, config.get("pipeline"), val_data_dir=data_dir, info=info, run_dir=out
+    )
     result = train(task, loop_cfg)
     if export is not None:
         export_checkpoint(task, out, Path(export))

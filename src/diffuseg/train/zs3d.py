@@ -571,9 +571,14 @@ def write_model_card(
     command: str,
     figure: np.ndarray | None = None,
     loop_info: dict[str, Any] | None = None,
+    runs: dict[str, Path] | None = None,
 ) -> Path:
-    """Write ``README.md`` (and ``samples.png``) beside a ZS3D checkpoint from its config and metrics."""
+    """Write ``README.md`` (and ``samples.png``) beside a ZS3D checkpoint from its config and metrics.
+
+    ``runs`` (stage name -> run folder) adds the training history of every session of those runs.
+    """
     from diffuseg.io import atomic_write
+    from diffuseg.train.model_card import history_section, training_history
     from diffuseg.viz import save_figure
 
     root = Path(checkpoint)
@@ -605,6 +610,7 @@ def write_model_card(
     ]
     if loop_info:
         lines.append(f"- optimisation: {json.dumps(loop_info)}")
+    lines += history_section(training_history(runs or {}))
     lines += ["", "## Calibration"]
     if cal:
         pseudo = ", ".join(cal.get("pseudo_unseen", []))
@@ -928,5 +934,6 @@ def _card(
     report = evaluate_zs3d(pipe, data_dir, "val", limit=int(card.get("num_val", 100)), progress=progress)
     palette = load_meta(data_dir)["palette"]
     figure = _samples_figure(pipe, val, palette, seed)
-    write_model_card(final, report, command, figure, loop_info=dict(config.get("train", {})))
+    runs = {"main": final.parent, "calibration": final.parent / CALIBRATION_DIR}
+    write_model_card(final, report, command, figure, loop_info=dict(config.get("train", {})), runs=runs)
     return report
