@@ -19,10 +19,11 @@ with ``--recorded-only``. ``--augment`` adds the data
 augmentation experiment: a small supervised segmenter trained on ``--aug-real`` labelled scenes,
 alone and with ``--aug-gen`` ZS3D pairs (guided, ρ = ``--aug-rho``; and unconditional).
 
-Run from the repository root after training both models (docs/methods.md, ZS3D)::
+Run from the repository root with the shipped models (or the ``final/`` folders of new runs;
+docs/training.md)::
 
     python benchmarks/zs3d_fashion.py --data /work/data/fashion_scenes \\
-        --zs3d runs/zs3d/final --baseline runs/zs3d-spnet/final --num-images 500 \\
+        --zs3d checkpoints/zs3d --baseline checkpoints/zs3d-spnet --num-images 500 \\
         --rs 0,1,5,10 --rs-images 100 --augment
 """
 
