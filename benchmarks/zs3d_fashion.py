@@ -393,14 +393,14 @@ def figure(
     )
     images = [samples[i]["image"] for i in pick]
     preds = {}
-    for label, pipe in (("ZS3D", zs3d), ("baseline", base)):
+    for label, pipe in (("ZS3D", zs3d), ("SPNet", base)):
         if pipe is not None:
             out = pipe(images, class_names=names, generator=torch.Generator().manual_seed(seed))
             preds[label] = (out.labels, pipe.config.calibration)
     panels = []
     for j, i in enumerate(pick):
         for label, (labels, gamma) in preds.items():
-            titles = ("image", "ground truth", f"{label} gamma={gamma:.2f}")  # the font has no γ
+            titles = ("image", "ground truth", f"{label} g={gamma:.2f}")  # a 128-px panel; the font has no γ
             panels.append(
                 side_by_side(
                     images[j], samples[i]["label"], labels[j], palette, names, titles=titles, min_size=128
@@ -603,7 +603,10 @@ def render(args, zs3d: ZS3DPipeline, table, per_class, names, unseen, aug_rows, 
             markdown_table(["training data", "mIoU", "mIoU seen", "mIoU unseen", "hIoU"], aug_rows),
             "",
         ]
-    lines.append(f"Examples: ![zs3d](figures/{args.figure.name})")
+    lines.append(
+        "Examples (val scenes with an unseen class; ZS3D left, the SPNet-like baseline right; g = the "
+        f"margin γ): ![zs3d](figures/{args.figure.name})"
+    )
     return "\n".join(lines)
 
 
