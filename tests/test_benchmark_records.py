@@ -6,7 +6,9 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,3 +69,38 @@ def test_model_fingerprint_follows_the_weights_not_the_path(common, tmp_path: Pa
     assert common.model_fingerprint(None, default=a.parent) == fa  # None -> the shipped default
     assert common.record_key("ddpm+aug", "n10", "s0", "") == "ddpm-aug_n10_s0"
     assert common.record_key("sweep", "n10", "s0", "up1+up2@50,150") == "sweep_n10_s0_up1-up2-50-150"
+
+
+@pytest.fixture(scope="module")
+def ddpmseg_bench(common):
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its helpers as `_common`
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "_bench_ddpmseg", REPO / "benchmarks" / "ddpmseg_fashion.py"
+        )
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return module
+
+
+def test_ddpmseg_targets_are_judged_on_means_and_flag_noise(ddpmseg_bench) -> None:
+    cells = {"ddpm": [9.0, 9.2, 8.8], "rgbxy": [8.0, 8.1, 7.9], "random": [8.6, 9.4, 8.5], "effnet": [12.0]}
+    done = {(row, 10, s): {"mIoU": v} for row, vals in cells.items() for s, v in enumerate(vals)}
+    lines = ddpmseg_bench.target_lines(done, [5, 10], [0, 1, 2])
+    floor, control, effnet, unet = lines[:4]
+    assert floor.endswith("N=5 not run, N=10 9.0 vs 8.0: holds")
+    assert control.endswith("N=10 9.0 vs 8.8: holds (within the seeds' spread)")
+    assert effnet.endswith("9.0 vs 12.0: missed") and unet.endswith("not run")
+
+
+def test_ddpmseg_grid_ceiling_falls_with_the_grid(ddpmseg_bench) -> None:
+    labels = np.zeros((2, 64, 64), dtype=np.uint8)
+    labels[:, ::8, :] = 1  # thin stripes: invisible to a coarse grid
+    labels[:, 40:60, 40:60] = 2
+    bench = SimpleNamespace(meta={"classes": ["bg", "stripe", "box"], "ignore_index": 255, "name": "t"},
+                            val_labels=labels)  # fmt: skip
+    ceil = ddpmseg_bench.grid_ceiling(bench, (4, 16, 64))
+    assert ceil[64] == pytest.approx(100.0)
+    assert ceil[4] < ceil[16] < 100.0
