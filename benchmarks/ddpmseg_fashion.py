@@ -203,22 +203,25 @@ class Bench:
             self._sources[sk] = build_feature_source(cfg, backbone=bb)
         return self._sources[sk], cfg
 
-    def val_store(self, source, cfg):
-        """Val features, computed once per feature config and memory-mapped from WORK."""
+    def val_store(self, source, cfg, view: str = "identity"):
+        """Val features of one TTA view, computed once per feature config and memory-mapped from WORK.
+
+        The views' stores do not depend on N or the seed, so the TTA row reuses them across cells
+        (5 backbone passes over val once per run instead of once per cell)."""
         from diffuseg.train.ddpm_seg import FeatureStore, build_feature_store, config_fingerprint
 
-        fp = config_fingerprint(
-            {
-                "features": cfg.to_dict(),
-                "weights": self.backbone_fingerprint if cfg.backbone == self.args.backbone else None,
-                "num_val": len(self.val_images),
-                "data": str(self.data),
-            }
-        )
+        key = {
+            "features": cfg.to_dict(),
+            "weights": self.backbone_fingerprint if cfg.backbone == self.args.backbone else None,
+            "num_val": len(self.val_images),
+            "data": str(self.data),
+        }
+        fp = config_fingerprint(key if view == "identity" else {**key, "view": view})
         if fp not in self._val_stores:
             root = self.work / f"val_{fp}"
+            src = source if view == "identity" else _ViewSource(source, view)
             store = FeatureStore.find(root, fp) or build_feature_store(
-                source, self.val_images, None, root, fingerprint=fp, progress=not self.args.no_progress
+                src, self.val_images, None, root, fingerprint=fp, progress=not self.args.no_progress
             )
             self._val_stores[fp] = store
         return self._val_stores[fp]
@@ -235,14 +238,32 @@ class Bench:
         m = ev.report("ddpm-seg", self.meta["name"], "val")["metrics"]
         return {k: float(m[k]) for k in METRICS}
 
-    def predict_store(self, pipe, store) -> np.ndarray:
-        """The pipeline's prediction from cached val features (same code path as ``pipe(images)``)."""
+    def predict_store(self, pipe, stores: dict[str, Any]) -> np.ndarray:
+        """The pipeline's prediction from cached val features of one or more TTA views: the same steps
+        as ``pipe(images, tta=...)`` (``predict_view`` per view, ``merge_views``), features read from WORK."""
+        from diffuseg.methods.ddpm_seg import invert_view, merge_views
+
         preds = []
         size = self.val_labels.shape[-1]
-        for i in range(0, store.num_images, 32):
-            groups = [np.asarray(g[i : i + 32]) for g in store.groups]
-            preds.append(pipe.classify_groups(groups, size)[0].numpy())
+        for i in range(0, len(self.val_images), 32):
+            per_view = []
+            for view, store in stores.items():
+                groups = [np.asarray(g[i : i + 32]) for g in store.groups]
+                per_view.append(tuple(invert_view(t, view) for t in pipe.classify_groups(groups, size)))
+            preds.append(merge_views(per_view)[0].numpy())
         return np.concatenate(preds)
+
+
+class _ViewSource:
+    """A feature source that sees one TTA view of its (preprocessed) input."""
+
+    def __init__(self, source, view: str) -> None:
+        self.source, self.view, self.resolution = source, view, source.resolution
+
+    def maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        from diffuseg.methods.ddpm_seg import apply_view
+
+        return self.source.maps(apply_view(x, self.view))
 
 
 # ----------------------------------------------------------------------------- rows
@@ -288,17 +309,14 @@ def ensemble_pipe(b: Bench, row: str, n: int, seed: int, cfg_override=None, tag:
 
 def run_ensemble_row(b: Bench, row: str, n: int, seed: int) -> dict[str, float]:
     pipe, source, cfg = ensemble_pipe(b, row, n, seed)
-    return b.scores(b.predict_store(pipe, b.val_store(source, cfg)))
+    return b.scores(b.predict_store(pipe, {"identity": b.val_store(source, cfg)}))
 
 
 def run_tta_row(b: Bench, n: int, seed: int) -> dict[str, float]:
-    pipe, _, _ = ensemble_pipe(b, "ddpm+aug+adamw", n, seed)
-    size = b.val_labels.shape[-1]
-    preds = [
-        pipe(b.val_images[i : i + 16], output_size=size, tta=True).labels
-        for i in range(0, len(b.val_images), 16)
-    ]
-    return b.scores(np.concatenate(preds))
+    from diffuseg.methods.ddpm_seg import TTA_VIEWS
+
+    pipe, source, cfg = ensemble_pipe(b, "ddpm+aug+adamw", n, seed)
+    return b.scores(b.predict_store(pipe, {v: b.val_store(source, cfg, v) for v in TTA_VIEWS}))
 
 
 def segmenter_config(b: Bench, out: Path, seed: int, num_images: int):
@@ -390,7 +408,7 @@ def run_sweep(b: Bench) -> list[tuple[list[str], list[int]]]:
             continue
         t0 = time.perf_counter()
         pipe, source, cfg = ensemble_pipe(b, "ddpm", a.sweep_n, 0, cfg_override=cfg, tag=f"_sweep_{tag}")
-        m = b.scores(b.predict_store(pipe, b.val_store(source, cfg)))
+        m = b.scores(b.predict_store(pipe, {"identity": b.val_store(source, cfg)}))
         b.record("sweep", a.sweep_n, 0, m, time.perf_counter() - t0, tag=tag, features=cfg)
     return configs
 

@@ -67,6 +67,7 @@ __all__ = [
     "model_card",
     "invert_view",
     "load_feature_backbone",
+    "merge_views",
 ]
 
 CONFIG_NAME = "config.json"
@@ -794,7 +795,7 @@ class DDPMSegPipeline:
             x = self.preprocess(imgs[start : start + bs])
             # 3. features → ensemble, per view; 4. majority vote over views
             per_view = [self.predict_view(x, v, size) for v in views]
-            results.append(_merge_views(per_view))
+            results.append(merge_views(per_view))
         labels, js, probs, agree = (torch.cat([r[i] for r in results]) for i in range(4))
         extras: dict[str, Any] = {"image_uncertainty": [image_uncertainty(j) for j in js]}
         if use_tta:
@@ -844,7 +845,7 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
-def _merge_views(per_view: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+def merge_views(per_view: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
     """Majority vote of the views' labels (ties: the first view, the un-augmented image, wins).
 
     Probabilities and JS are averaged over views; ``agreement`` is the share of views voting for
