@@ -460,7 +460,8 @@ def render_table(b: Bench, elapsed: float) -> str:
             "**Feature-grid ceiling** (what resolution alone allows: val labels one-hot, area-averaged to "
             "g×g, upsampled bilinearly like the features, argmax; fine mIoU): "
             + ", ".join(f"g = {g}: {v:.1f}" for g, v in ceil.items())
-            + ". The mini-SD's decoder blocks see 4², 8² and 16² grids of a 64-px scene.",
+            + f". The DDPM features' grids: {' and '.join(f'{g}²' for g in ddpm_grids(b))} "
+            f"(blocks {a.layers}, {b.val_labels.shape[-1]}-px labels).",
         ]
     )
 
@@ -495,6 +496,13 @@ def target_lines(done: dict, sizes: list[int], seeds: list[int]) -> list[str]:
         per_n = ", ".join(f"N={n} {verdict(row, prev, n, False)}" for n in sizes)
         lines.append(f"'{ROW_LABELS[row]}' does not lower mIoU: {per_n}")
     return lines
+
+
+def ddpm_grids(b: Bench) -> list[int]:
+    """Sides of the ``ddpm`` row's feature maps (one backbone pass on a blank image)."""
+    source, _ = b.source("ddpm")
+    r = source.resolution
+    return sorted({int(m.shape[-1]) for m in source.maps(torch.zeros(1, 3, r, r))})
 
 
 def grid_ceiling(b: Bench, grids: tuple[int, ...]) -> dict[int, float]:
