@@ -471,17 +471,21 @@ def _seed_values(done: dict, row: str, n: int, seeds: list[int]) -> list[float]:
 
 
 def target_lines(done: dict, sizes: list[int], seeds: list[int]) -> list[str]:
-    """The issue's targets, each with the means it was judged on; "not run" when a row is missing, and
-    a margin smaller than the larger of the two seed spreads is flagged as such."""
+    """The issue's targets, each judged on the means over the seeds both rows finished; "not run" when
+    they share none, and a margin smaller than the larger of the two seed spreads is flagged as such."""
 
     def verdict(row: str, ref: str, n: int, strict: bool) -> str:
-        a, b = _seed_values(done, row, n, seeds), _seed_values(done, ref, n, seeds)
-        if not a or not b:
+        both = [s for s in seeds if done.get((row, n, s)) is not None and done.get((ref, n, s)) is not None]
+        if not both:
             return "not run"
+        a, b = _seed_values(done, row, n, both), _seed_values(done, ref, n, both)
         ma, mb = statistics.mean(a), statistics.mean(b)
         ok = ma > mb if strict else ma >= mb
-        spread = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in (a, b))
-        note = " (within the seeds' spread)" if abs(ma - mb) < spread else ""
+        if len(both) == 1:
+            note = f" (seed {both[0]} only)"
+        else:
+            spread = max(statistics.stdev(v) for v in (a, b))
+            note = " (within the seeds' spread)" if abs(ma - mb) < spread else ""
         return f"{ma:.1f} vs {mb:.1f}: {'holds' if ok else 'missed'}{note}"
 
     lines = []
