@@ -19,7 +19,8 @@ Every finished (row, N, seed) is committed as ``benchmarks/records/ddpmseg-fashi
 with its signature (data fingerprint, recipe, and the sha256 of the backbone weights for the rows that
 use it) and skipped on a rerun, so the run can be stopped (e.g. ``timeout``) and resumed by repeating
 the command, on this machine or the next one; retraining the backbone reruns only its rows.
-``--no-records`` keeps them in ``WORK/records`` instead. Full run (≈ 17 CPU-hours on
+``--no-records`` keeps them in ``WORK/records`` instead; ``--recorded-only`` runs nothing and
+tabulates the recorded cells (with the issue's targets judged on them). Full run (≈ 17 CPU-hours on
 one thread, two thirds of it the two augmented rows: ×5 data and the original's ≥ 4 epochs)::
 
     python benchmarks/ddpmseg_fashion.py --data /work/data/fashion_scenes --backbone /work/runs/mini-sd-export
@@ -453,7 +454,7 @@ def render_table(b: Bench, elapsed: float) -> str:
             f"- compute: {sum(secs) / 3600:.1f} h over all units (this invocation: {elapsed / 60:.0f} min)",
             "",
             *tables,
-            "**Targets** (fine mIoU, means over the finished seeds):",
+            "**Targets** (fine mIoU; each comparison averages the seeds both rows finished):",
             "",
             *(f"- {line}" for line in target_lines(done, sizes, seeds)),
             "",
