@@ -86,8 +86,8 @@ MINI_SD_FEATURES: dict[str, Any] = {
     "timesteps": [50, 150, 250],
 }
 """Defaults for the embedded mini-SD: every decoder block (192 ch at 8², 128 and 64 ch at 16² for 64-px
-scenes) at the paper's first three timesteps → 1,152 channels. ``benchmarks/ddpmseg_fashion.py --sweep`` measures other
-block × timestep choices on FashionScenes."""
+scenes) at the paper's first three timesteps → 1,152 channels. ``benchmarks/ddpmseg_fashion.py --sweep``
+measures other block × timestep choices on FashionScenes."""
 
 SD_FEATURES: dict[str, Any] = {
     "layers": ["up_blocks.1", "up_blocks.2"],
