@@ -72,7 +72,7 @@ def test_model_fingerprint_follows_the_weights_not_the_path(common, tmp_path: Pa
 
 
 @pytest.fixture(scope="module")
-def ddpmseg_bench(common):
+def ddpmseg_bench():
     sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its helpers as `_common`
     try:
         spec = importlib.util.spec_from_file_location(
