@@ -43,10 +43,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from diffuseg.train.loop import TrainResult
 
 from _common import (
     RECORDS_DIR,
@@ -332,10 +335,13 @@ def segmenter_config(b: Bench, out: Path, seed: int, num_images: int):
     )  # fmt: skip
 
 
-def score_segmenter(b: Bench, export_dir: Path) -> dict[str, float]:
+def score_segmenter(b: Bench, res: TrainResult) -> dict[str, float]:
+    """Score a finished segmenter training; an interrupted one (SIGTERM, time box) stops the run."""
     from diffuseg.methods.dataset_ddpm import UNetSegmenterPipeline
 
-    seg = UNetSegmenterPipeline.from_pretrained(export_dir)
+    if not res.finished or res.export_dir is None:
+        raise SystemExit(f"segmenter training in {res.output_dir} stopped at step {res.step}: rerun")
+    seg = UNetSegmenterPipeline.from_pretrained(res.export_dir)
     return b.scores(seg(b.val_images, output_size=b.val_labels.shape[-1]).labels)
 
 
@@ -346,7 +352,7 @@ def run_unet_row(b: Bench, n: int, seed: int) -> dict[str, float]:
     out = b.work / "unet" / f"n{n}_s{seed}"
     cfg = segmenter_config(b, out, seed, len(images))
     res = train_segmenter(images, labels, b.meta["classes"], cfg, palette=b.meta.get("palette"))
-    return score_segmenter(b, res.export_dir)
+    return score_segmenter(b, res)
 
 
 def run_datasetddpm_row(b: Bench, n: int, seed: int) -> dict[str, float]:
@@ -365,7 +371,7 @@ def run_datasetddpm_row(b: Bench, n: int, seed: int) -> dict[str, float]:
     images, labels = load_labelled(syn, select_labelled(syn, kept, 0))
     cfg = segmenter_config(b, b.work / "datasetddpm_unet" / f"n{n}_s{seed}", seed, len(images))
     res = train_segmenter(images, labels, b.meta["classes"], cfg, palette=b.meta.get("palette"))
-    return score_segmenter(b, res.export_dir)
+    return score_segmenter(b, res)
 
 
 def _captions(data: Path) -> list[str]:
