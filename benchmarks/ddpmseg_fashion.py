@@ -25,8 +25,11 @@ one thread, two thirds of it the two augmented rows: ×5 data and the original's
 
     python benchmarks/ddpmseg_fashion.py --data /work/data/fashion_scenes --backbone /work/runs/mini-sd-export
 
-``--max-iterations 5000`` caps each MLP (a deviation from the stopping rule at N ≥ 20, stated in the
-section) and brings it to ≈ 6 CPU-hours.
+``--max-iterations 5000`` caps each MLP (a deviation from the stopping rule once the labelled pixels
+exceed ≈ 4 epochs of 5,000 batches, stated in the section). Measured with the cap (one thread per
+process, two processes sharing two cores): 25–30 min per (N, seed) group at N = 5, ≈ 60 min at N = 10
+(with DatasetDDPM), 40–45 min at N = 20 and N = 50 — ≈ 10 hours for N ≤ 50; run ``--sizes``/``--seeds``
+subsets in parallel processes, each with its own ``--work-dir``.
 
 Smoke test on a random-init mini-SD (≈ 2 min)::
 
