@@ -424,6 +424,14 @@ def run_sweep(b: Bench) -> list[tuple[list[str], list[int]]]:
 
 
 # ----------------------------------------------------------------------------- report
+def seed_cell(values: list[float], num_seeds: int) -> str:
+    """'m ± s' over the finished seeds, marked '(k/n seeds)' while some are missing; '-' when none are."""
+    if not values:
+        return "-"
+    part = f" ({len(values)}/{num_seeds} seeds)" if len(values) < num_seeds else ""
+    return mean_std(values) + part
+
+
 def render_table(b: Bench, elapsed: float) -> str:
     a = b.args
     sizes = [int(x) for x in a.sizes.split(",")]
@@ -436,10 +444,11 @@ def render_table(b: Bench, elapsed: float) -> str:
             cells = []
             for n in sizes:
                 vals = [done[row, n, s][metric] for s in seeds if done[row, n, s] is not None]
-                cells.append(mean_std(vals) if vals else "-")
+                cells.append(seed_cell(vals, len(seeds)))
             if any(c != "-" for c in cells):
                 body.append([ROW_LABELS[row], *cells])
-        tables += [f"**{title}** (percent; mean ± std over seeds {', '.join(map(str, seeds))})", "",
+        tables += [f"**{title}** (percent; mean ± std over seeds {', '.join(map(str, seeds))}; "
+                   "a cell marked (k/n seeds) averages the seeds finished so far)", "",
                    markdown_table(["method", *[f"N={n}" for n in sizes]], body), ""]  # fmt: skip
     secs = [r["seconds"] for r in done.values() if r is not None]
     ceil = grid_ceiling(b, (4, 8, 16, 32))

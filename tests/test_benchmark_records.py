@@ -104,3 +104,10 @@ def test_ddpmseg_grid_ceiling_falls_with_the_grid(ddpmseg_bench) -> None:
     ceil = ddpmseg_bench.grid_ceiling(bench, (4, 16, 64))
     assert ceil[64] == pytest.approx(100.0)
     assert ceil[4] < ceil[16] < 100.0
+
+
+def test_ddpmseg_cells_say_how_many_seeds_they_average(ddpmseg_bench) -> None:
+    assert ddpmseg_bench.seed_cell([], 3) == "-"
+    assert ddpmseg_bench.seed_cell([10.0, 12.0, 11.0], 3) == "11.0 ± 1.0"
+    assert ddpmseg_bench.seed_cell([10.0, 12.0], 3) == "11.0 ± 1.4 (2/3 seeds)"
+    assert ddpmseg_bench.seed_cell([9.25], 3) == "9.2 (1/3 seeds)"
