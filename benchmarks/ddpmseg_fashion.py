@@ -25,11 +25,12 @@ one thread, two thirds of it the two augmented rows: ×5 data and the original's
 
     python benchmarks/ddpmseg_fashion.py --data /work/data/fashion_scenes --backbone /work/runs/mini-sd-export
 
-``--max-iterations 5000`` caps each MLP (a deviation from the stopping rule once the labelled pixels
-exceed ≈ 4 epochs of 5,000 batches, stated in the section). Measured with the cap (one thread per
-process, two processes sharing two cores): 25–30 min per (N, seed) group at N = 5, ≈ 60 min at N = 10
-(with DatasetDDPM), 40–45 min at N = 20 and N = 50 — ≈ 10 hours for N ≤ 50; run ``--sizes``/``--seeds``
-subsets in parallel processes, each with its own ``--work-dir``.
+``--max-iterations 5000`` caps each MLP (a deviation from the stopping rule wherever its ≥ 4 epochs
+of the labelled pixels exceed 5,000 batches of 64: from N ≈ 20, or N ≈ 5 with ×5 augmentation; stated
+in the section). Measured with the cap (one thread per process, two processes sharing two cores):
+25–30 min per (N, seed) group at N = 5, ≈ 60 min at N = 10 (with DatasetDDPM), 40–45 min at N = 20
+and 50, ≈ 50 min at N = 100 — ≈ 12.5 hours in all; run ``--sizes``/``--seeds``/``--rows`` subsets in
+parallel processes, each with its own ``--work-dir``.
 
 Smoke test on a random-init mini-SD (≈ 2 min)::
 
