@@ -71,18 +71,20 @@ def test_model_fingerprint_follows_the_weights_not_the_path(common, tmp_path: Pa
     assert common.record_key("sweep", "n10", "s0", "up1+up2@50,150") == "sweep_n10_s0_up1-up2-50-150"
 
 
-@pytest.fixture(scope="module")
-def ddpmseg_bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its helpers as `_common`
+def _load_benchmark(script: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import their helpers as `_common`
     try:
-        spec = importlib.util.spec_from_file_location(
-            "_bench_ddpmseg", REPO / "benchmarks" / "ddpmseg_fashion.py"
-        )
+        spec = importlib.util.spec_from_file_location(f"_bench_{script}", REPO / "benchmarks" / script)
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         spec.loader.exec_module(module)  # type: ignore[union-attr]
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     return module
+
+
+@pytest.fixture(scope="module")
+def ddpmseg_bench():
+    return _load_benchmark("ddpmseg_fashion.py")
 
 
 def test_ddpmseg_targets_are_judged_on_means_and_flag_noise(ddpmseg_bench) -> None:
@@ -111,3 +113,44 @@ def test_ddpmseg_cells_say_how_many_seeds_they_average(ddpmseg_bench) -> None:
     assert ddpmseg_bench.seed_cell([10.0, 12.0, 11.0], 3) == "11.0 ± 1.0"
     assert ddpmseg_bench.seed_cell([10.0, 12.0], 3) == "11.0 ± 1.4 (2/3 seeds)"
     assert ddpmseg_bench.seed_cell([9.25], 3) == "9.2 (1/3 seeds)"
+
+
+class _AxisText:
+    """Text encoder stub: every name gets a fixed 2-d direction, so nearest names are known."""
+
+    def __init__(self, angles: dict[str, float]) -> None:
+        self.angles = angles
+
+    def encode_classes(self, names, templates=None):
+        import torch
+
+        a = torch.tensor([self.angles[n] for n in names])
+        return torch.stack([a.cos(), a.sin()], dim=1)
+
+
+def test_esda_per_class_table_uses_only_the_folds_base_names() -> None:
+    esda = _load_benchmark("esda_fashion.py")
+    names = [n for fold in esda.FASHION_SCENES_FOLDS for n in fold]
+    angles = {n: 0.3 * i for i, n in enumerate(names)}
+    angles["shirt"] = angles["t-shirt"] + 0.01  # nearest of all, but not its own fold mate
+    angles["sneaker"] = angles["shirt"] + 0.02  # fold 3: sneaker may not fall back on shirt
+    nearest = esda.nearest_base_names(_AxisText(angles), None)
+    assert nearest["t-shirt"][0] == "shirt" and nearest["t-shirt"][1] == pytest.approx(np.cos(0.01), abs=1e-6)
+    assert nearest["shirt"][0] == "t-shirt" and nearest["sneaker"][0] == "t-shirt"
+
+    def report(ious: dict[str, float]) -> dict:
+        return {"per_class": {c: {"IoU": v} for c, v in ious.items()}}
+
+    results = {
+        "esda": {0: report({"t-shirt": 50.0, "trouser": 5.0}), 3: report({"shirt": 40.0, "sneaker": 30.0})},
+        "clsclip": {
+            0: report({"t-shirt": 40.0, "trouser": 30.0}),
+            3: report({"shirt": 40.0, "sneaker": 20.0}),
+        },
+        "no-adapters": {1: report({"pullover": 1.0, "dress": 1.0})},  # no baseline: not in the table
+    }
+    rows, corr = esda.per_class_rows(results, nearest)
+    assert [r[0] for r in rows] == ["t-shirt", "trouser", "shirt", "sneaker"]
+    assert rows[0][2].startswith("shirt (") and rows[0][5] == "+10.0" and rows[1][5] == "-25.0"
+    assert corr.startswith("Spearman") and "over 4 classes" in corr
+    assert esda.per_class_rows({"esda": results["esda"]}, nearest) == ([], "")
