@@ -32,6 +32,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,194 @@ def per_class_rows(results: dict, nearest: dict[str, tuple[str, float]]) -> tupl
     )
 
 
+def name_blind_floor(data_dir: Path, fold: int, num_episodes: int) -> dict[str, Any]:
+    """The score of a perfect name-blind segmenter: every object's true pixels, whatever the name.
+
+    Why: an episode's image holds 1-3 items, so a model that segments objects without reading the
+    class name already scores; this is the most such a model can score on the fold's episodes.
+    """
+    from diffuseg.data.episodes import (
+        EpisodeMeter,
+        binary_target,
+        build_episodes,
+        default_min_pixels,
+        scan_labels,
+    )
+    from diffuseg.io import read_label
+
+    meta = json.loads((data_dir / "meta.json").read_text())
+    novel = FASHION_SCENES_FOLDS[fold]
+    index = scan_labels(data_dir, "val", meta["classes"])
+    meter = EpisodeMeter(novel)
+    for ep in build_episodes(
+        index, novel, num_episodes, min_pixels=default_min_pixels(str(meta.get("name")))
+    ):
+        label = read_label(data_dir / "ann_dir" / "val" / f"{ep.image_id}.png")
+        objects = ((label != 0) & (label != 255)).astype(np.int64)
+        meter.update(objects, binary_target(label, ep.class_id), ep.class_name)
+    return meter.result()
+
+
+def name_dependence_counts(
+    label: np.ndarray, pred_novel: np.ndarray, pred_nearest: np.ndarray, novel_id: int, nearest_id: int
+) -> np.ndarray:
+    """Pixel counts for one episode: where the novel name's mask lands, and its overlap with the other.
+
+    Returns ``[on novel, on nearest base class, on other objects, on background, |A ∩ B|, |A ∪ B|]``
+    with A the mask predicted for the novel name and B the one for its nearest base name.
+    """
+    a, b = pred_novel.astype(bool), pred_nearest.astype(bool)
+    valid = label != 255
+    objects = valid & (label != 0) & (label != novel_id) & (label != nearest_id)
+    return np.array(
+        [
+            (a & (label == novel_id)).sum(),
+            (a & (label == nearest_id)).sum(),
+            (a & objects).sum(),
+            (a & valid & (label == 0)).sum(),
+            (a & b).sum(),
+            (a | b).sum(),
+        ],
+        dtype=np.int64,
+    )
+
+
+def name_dependence(
+    pipe, data_dir: Path, fold: int, nearest: dict[str, tuple[str, float]], num_episodes: int
+) -> dict[str, dict[str, float]]:
+    """Does the model read the class name? Masks for the novel name vs for its nearest base name.
+
+    On the fold's first ``num_episodes`` test episodes (same seed as the scores), per novel class:
+    the shares of the novel name's predicted foreground on the novel class, on the nearest base
+    class, on other objects and on background, and the IoU between the two masks. A model that
+    ignores the name gives IoU ≈ 1; one that reads a novel name as its nearest training name puts
+    its mask on that class.
+    """
+    from diffuseg.io import read_label
+
+    masks: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def predict(images, names):
+        a = pipe(images, class_names=names, mode="binary").labels
+        b = pipe(images, class_names=[nearest[n][0] for n in names], mode="binary").labels
+        masks.extend(zip(np.asarray(a), np.asarray(b), strict=True))
+        return a
+
+    report = evaluate_episodes(predict, data_dir, "val", fold, num_episodes=num_episodes, progress=False)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    totals: dict[str, np.ndarray] = {}
+    for (image_id, name), (a, b) in zip(report["protocol"]["episodes"], masks, strict=True):
+        label = read_label(data_dir / "ann_dir" / "val" / f"{image_id}.png")
+        ids = meta["classes"].index(name), meta["classes"].index(nearest[name][0])
+        totals[name] = totals.get(name, 0) + name_dependence_counts(label, a, b, *ids)
+    out = {}
+    for name, t in totals.items():
+        fg = max(int(t[:4].sum()), 1)
+        out[name] = {
+            "on_novel": t[0] / fg,
+            "on_nearest": t[1] / fg,
+            "on_other_objects": t[2] / fg,
+            "on_background": t[3] / fg,
+            "iou_novel_vs_nearest_name": t[4] / max(int(t[5]), 1),
+        }
+    return out
+
+
+def model_diagnostic(
+    args: argparse.Namespace,
+    data_dir: Path,
+    folds: list[int],
+    config: dict,
+    te,
+    kind: str,
+    measure: Callable[[Any, int], dict] | None,
+    signature_extra: dict,
+) -> dict[tuple[int, str], dict]:
+    """One diagnostic of the trained ESDA and baseline models, per fold: recorded cells, and with
+    ``measure`` (its flag given) new ones for every fold whose models are in ``--runs-dir``.
+
+    Why records: the models live in ``--runs-dir`` on machines that are not kept, the scores in git.
+    """
+    from diffuseg.methods.esda import ESDAModel, ESDAPipeline
+
+    found = {}
+    signature = {"config": config, "data": dataset_fingerprint(data_dir), **signature_extra}
+    for fold in folds:
+        for variant in ("esda", "clsclip"):
+            key = record_key(f"fold{fold}", variant, kind)
+            result = None if args.no_records else load_record(SECTION_ID, key, signature)
+            model_dir = Path(args.runs_dir) / f"fold{fold}" / variant / "final"
+            if result is None and measure is not None and (model_dir / "config.json").is_file():
+                result = measure(ESDAPipeline(ESDAModel.from_pretrained(model_dir), te), fold)
+                if not args.no_records:
+                    save_record(SECTION_ID, key, signature, result)
+            if result is not None:
+                found[(fold, variant)] = result
+    return found
+
+
+def semantic_scores(pipe, data_dir: Path, fold: int) -> dict[str, float]:
+    """All class names at once (argmax with background), the fold's classes as unseen: seen/unseen/hIoU."""
+    from diffuseg.methods.evaluate import evaluate_pipeline
+
+    report = evaluate_pipeline(
+        pipe, "esda", data_dir, "val", unseen=list(FASHION_SCENES_FOLDS[fold]), progress=False
+    )
+    keys = ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU")
+    return {
+        **{k: report["metrics"][k] for k in keys},
+        "seconds_per_image": report["timing"]["seconds_per_image"],
+    }
+
+
+def semantic_section(found: dict) -> list[str]:
+    if not found:
+        return []
+    rows = [
+        [
+            str(fold),
+            VARIANT_LABELS[variant],
+            *(f"{r[k]:.1f}" for k in ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU")),
+        ]
+        for (fold, variant), r in sorted(found.items())
+    ]
+    return [
+        "",
+        "**Semantic protocol** (`--semantic`): every val scene labelled with all class names at once "
+        "(argmax over per-class scores with background), the fold's two classes as unseen; each fold "
+        "whose models are in `--runs-dir`:",
+        "",
+        markdown_table(["fold", "model", "mIoU", "seen mIoU", "unseen mIoU", "hIoU"], rows),
+    ]
+
+
+def name_dependence_section(found: dict, episodes: int) -> list[str]:
+    if not found:
+        return []
+    rows = [
+        [
+            c,
+            str(fold),
+            VARIANT_LABELS[variant],
+            *(f"{100 * r[k]:.0f}" for k in ("on_novel", "on_nearest", "on_other_objects", "on_background")),
+            f"{r['iou_novel_vs_nearest_name']:.2f}",
+        ]
+        for (fold, variant), res in sorted(found.items())
+        for c, r in res.items()
+    ]
+    header = ["novel class", "fold", "model", "% on novel", "% on nearest base", "% on other objects",
+              "% on background", "IoU(novel name, nearest name)"]  # fmt: skip
+    return [
+        "",
+        f"**Does the model read the name?** First {episodes} episodes of each fold with a model in "
+        "`--runs-dir` (`--name-dependence`): where the mask predicted for the novel name lands "
+        "(% of its pixels), and the IoU between it and the mask predicted for the nearest base name "
+        "instead (1 = the name makes no difference):",
+        "",
+        markdown_table(header, rows),
+    ]
+
+
 def render(
     args: argparse.Namespace,
     data_dir: Path,
@@ -215,6 +404,9 @@ def render(
     config: dict,
     elapsed: float,
     nearest: dict[str, tuple[str, float]] | None = None,
+    found: dict | None = None,
+    floor: dict[int, dict] | None = None,
+    semantic: dict | None = None,
 ) -> str:
     """Markdown: mIoU per variant (per fold and mean), FB-IoU means, then ESDA vs baseline per class."""
     folds = sorted({f for per in results.values() for f in per})
@@ -241,6 +433,11 @@ def render(
                 f"{np.mean([per[f]['train_seconds'] for f in per]) / 60:.0f}",
             ]
         )
+    if floor and all(f in floor for f in folds):
+        label_floor = "floor: every object, name ignored (true masks)"
+        miou = [floor[f]["metrics"]["mIoU"] for f in folds]
+        rows.append([label_floor, *(f"{v:.1f}" for v in miou), f"{np.mean(miou):.1f}"])
+        fb_rows.append([label_floor, f"{np.mean([floor[f]['metrics']['FB-IoU'] for f in folds]):.1f}", "-"])
     fold_names = [f"fold {f} ({', '.join(FASHION_SCENES_FOLDS[f])})" for f in folds]
     cells = [rep for per in results.values() for rep in per.values()]
     train_total, n_models = sum(rep.get("train_seconds", 0.0) for rep in cells), len(cells)
@@ -270,6 +467,8 @@ def render(
             "Reference (paper, PASCAL-5i mIoU): ESDA 58.9 vs ClsCLIP 56.4; COCO-20i 37.1 vs 37.0.",
         ]
         + per_class_section(results, nearest, m["text_encoder"])
+        + name_dependence_section(found or {}, args.diag_episodes)
+        + semantic_section(semantic or {})
     )
 
 
@@ -318,6 +517,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="name of an experiment made with --set: its runs and records are kept apart (VARIANT@TAG)",
     )
+    p.add_argument(
+        "--name-dependence",
+        action="store_true",
+        help="diagnostic: masks for each novel name vs for its nearest base name (ESDA and baseline)",
+    )
+    p.add_argument(
+        "--semantic",
+        action="store_true",
+        help="diagnostic: ESDA and baseline on the semantic protocol (fold classes unseen, seen/unseen/hIoU)",
+    )
+    p.add_argument("--diag-episodes", type=int, default=300, help="episodes per fold for --name-dependence")
     p.add_argument("--tiny", action="store_true", help="smoke test: small generated data, few steps")
     p.add_argument("--reevaluate", action="store_true", help="score existing models again")
     p.add_argument(
@@ -376,7 +586,21 @@ def main(argv: list[str] | None = None) -> None:
                 report["metrics"]["FB-IoU"],
             )
     nearest = nearest_base_names(text_encoder, config["model"].get("class_templates"))
-    body = render(args, data_dir, results, config, time.perf_counter() - t0, nearest)
+    # diagnostics score trained models (no training): allowed with --recorded-only
+    found = model_diagnostic(
+        args, data_dir, folds, config, text_encoder, "names",
+        (lambda pipe, f: name_dependence(pipe, data_dir, f, nearest, args.diag_episodes))
+        if args.name_dependence else None,
+        {"episodes": args.diag_episodes},
+    )  # fmt: skip
+    semantic = model_diagnostic(
+        args, data_dir, folds, config, text_encoder, "semantic",
+        (lambda pipe, f: semantic_scores(pipe, data_dir, f)) if args.semantic else None,
+        {"protocol": "semantic, fold classes unseen"},
+    )  # fmt: skip
+    floor = {f: name_blind_floor(data_dir, f, args.episodes) for f in folds if f < len(FASHION_SCENES_FOLDS)}
+    elapsed = time.perf_counter() - t0
+    body = render(args, data_dir, results, config, elapsed, nearest, found, floor, semantic)
     if args.no_write:
         sys.stdout.write(body + "\n")
     else:

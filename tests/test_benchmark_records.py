@@ -154,3 +154,35 @@ def test_esda_per_class_table_uses_only_the_folds_base_names() -> None:
     assert rows[0][2].startswith("shirt (") and rows[0][5] == "+10.0" and rows[1][5] == "-25.0"
     assert corr.startswith("Spearman") and "over 4 classes" in corr
     assert esda.per_class_rows({"esda": results["esda"]}, nearest) == ([], "")
+
+
+def test_esda_name_diagnostics_count_where_the_mask_lands(tmp_path: Path) -> None:
+    from diffuseg.io import write_json, write_label
+
+    esda = _load_benchmark("esda_fashion.py")
+    label = np.zeros((4, 4), np.uint8)
+    label[0, :] = 5  # novel
+    label[1, :] = 7  # nearest base
+    label[2, :2] = 1  # another object
+    label[3, 3] = 255
+    a = np.ones((4, 4), np.uint8)  # the novel name's mask covers everything
+    b = np.zeros((4, 4), np.uint8)
+    b[0, :2] = 1
+    counts = esda.name_dependence_counts(label, a, b, 5, 7)
+    assert counts.tolist() == [4, 4, 2, 5, 2, 16]  # background: 2 + 3 valid pixels; ignore left out
+
+    # the name-blind floor: every object's true pixels scored on the fold's episodes
+    classes = ["background", "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+               "bag", "ankle boot"]  # fmt: skip
+    first = np.zeros((32, 32), np.uint8)
+    first[0:10, 0:10] = 5  # coat, 100 px
+    first[20:30, 20:30] = 1  # t-shirt, 100 px: the floor's mask covers it too
+    second = np.zeros((32, 32), np.uint8)
+    second[4:12, 4:12] = 6  # sandal alone
+    for i, lab in enumerate((first, second)):
+        write_label(tmp_path / "ann_dir" / "val" / f"{i:04d}.png", lab)
+    write_json(tmp_path / "meta.json", {"name": "FashionScenes", "classes": classes, "unseen": []})
+    floor = esda.name_blind_floor(tmp_path, 2, 2)
+    assert floor["per_class"]["coat"]["IoU"] == pytest.approx(50.0)
+    assert floor["per_class"]["sandal"]["IoU"] == pytest.approx(100.0)
+    assert floor["metrics"]["mIoU"] == pytest.approx(75.0)

@@ -644,6 +644,13 @@ def test_train_export_segment_and_evaluate_episodes(fashion_dir, text_dir, tmp_p
     monkeypatch.setitem(METHODS, "esda", ("diffuseg.methods.esda", "ESDAPipeline", False))
     sem = evaluate_pipeline(pipe, "esda", fashion_dir, progress=False)
     assert sem["num_images"] == 3 and {"mIoU_seen", "mIoU_unseen", "hIoU"} <= set(sem["metrics"])
+    fold3 = evaluate_pipeline(pipe, "esda", fashion_dir, progress=False, unseen=["shirt", "sneaker"])
+    assert (
+        fold3["protocol"]["unseen"] == ["shirt", "sneaker"]
+        and fold3["metrics"]["mIoU"] == sem["metrics"]["mIoU"]
+    )
+    with pytest.raises(ValueError, match="not among the dataset's classes"):
+        evaluate_pipeline(pipe, "esda", fashion_dir, progress=False, unseen=["unicorn"])
     card = write_model_card(
         result.export_dir, "pytest", run_dir=tmp_path / "run", semantic_report=sem, data_dir=fashion_dir
     )

@@ -30,11 +30,21 @@ def evaluate_pipeline(
     batch_size: int = 16,
     json_out: str | os.PathLike | None = None,
     progress: bool = True,
+    unseen: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``pipe`` on ``data_dir/<split>`` and return (and optionally write) the report JSON."""
+    """Evaluate ``pipe`` on ``data_dir/<split>`` and return (and optionally write) the report JSON.
+
+    ``unseen`` replaces the dataset's unseen classes for seen/unseen/hIoU, e.g. with the novel
+    classes of an episodic fold, so that a model trained without a fold's classes is scored on them.
+    """
     from diffuseg.methods import is_unsupervised
 
     meta = load_meta(data_dir)
+    if unseen is not None:
+        bad = [u for u in unseen if u not in meta["classes"]]
+        if bad:
+            raise ValueError(f"unseen classes {bad} are not among the dataset's classes {meta['classes']}")
+        meta = {**meta, "unseen": list(unseen)}
     check_meta = getattr(pipe, "check_dataset_meta", None)
     if callable(check_meta):  # zero-shot pipelines warn when the dataset's unseen list differs from theirs
         check_meta(meta)
@@ -49,8 +59,8 @@ def evaluate_pipeline(
     trained_without = getattr(pipe, "unseen_classes", None)
     if trained_without is not None and sorted(trained_without) != sorted(meta.get("unseen", [])):
         logger.warning(
-            "the checkpoint was trained without %s but the dataset's meta.json lists %s as unseen: "
-            "seen/unseen/hIoU follow the dataset",
+            "the checkpoint was trained without %s but %s are scored as unseen (the dataset's "
+            "meta.json or `unseen`): seen/unseen/hIoU follow the latter",
             sorted(trained_without),
             sorted(meta.get("unseen", [])),
         )
