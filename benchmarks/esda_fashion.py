@@ -18,6 +18,12 @@ chunks on machines that are not kept (a cell whose config or data differ is reru
 
     python benchmarks/esda_fashion.py --data /work/data/fashion_scenes --steps 1000 --runs-dir runs/esda-bench
 
+Beside the table: a name-blind floor (every object's true pixels, whatever the name: what ignoring
+the class name can earn on these episodes), ESDA vs the baseline per novel class next to its nearest
+training name, and two diagnostics of the ESDA and baseline models found in ``--runs-dir`` (recorded
+too): ``--name-dependence`` (masks for the novel name vs for its nearest base name) and
+``--semantic`` (all class names at once, the fold's classes unseen: seen/unseen/hIoU).
+
 An experiment on the recipe is kept apart from the table's cells: ``--tag NAME --set KEY=VALUE``
 trains and records ``VARIANT@NAME`` (e.g. ``--variants esda --tag text-noise-0.1 --set
 data.text_noise=0.1``).
