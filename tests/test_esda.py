@@ -669,6 +669,24 @@ def test_train_export_segment_and_evaluate_episodes(fashion_dir, text_dir, tmp_p
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "ep.json").read_text())
     assert report["num_episodes"] == 6 and report["protocol"]["novel_classes"] == ["coat", "sandal"]
+    # the semantic protocol with a fold's classes as unseen, from the CLI
+    common = [
+        "evaluate",
+        "--method",
+        "esda",
+        "--checkpoint",
+        str(result.export_dir),
+        "--data",
+        str(fashion_dir),
+        "-q",
+    ]
+    res = CliRunner().invoke(
+        app, [*common, "--unseen", "shirt, sneaker", "--json", str(tmp_path / "sem.json")]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "sem.json").read_text())["protocol"]["unseen"] == ["shirt", "sneaker"]
+    res = CliRunner().invoke(app, [*common, "--unseen", "unicorn"])
+    assert res.exit_code != 0 and "not among the dataset's classes" in res.output
     assert 0.0 <= report["metrics"]["FB-IoU"] <= 100.0
     bad = CliRunner().invoke(
         app, ["evaluate-episodes", "--data", str(fashion_dir), "--checkpoint", str(tmp_path)]

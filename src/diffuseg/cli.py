@@ -349,6 +349,10 @@ def evaluate(
     batch_size: Annotated[int, typer.Option()] = 16,
     kl_threshold: KLOpt = None,
     threshold_mode: ModeOpt = None,
+    unseen: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated unseen classes for seen/unseen/hIoU (default: meta.json's)."),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Run a method on a dataset split and score it (mIoU, aAcc, mAcc; seen/unseen/hIoU; Hungarian)."""
@@ -369,6 +373,7 @@ def evaluate(
             batch_size=batch_size,
             json_out=json_out,
             progress=not quiet,
+            unseen=None if unseen is None else [c.strip() for c in unseen.split(",") if c.strip()],
         )
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
