@@ -56,6 +56,7 @@ from _common import (
     write_results_section,
 )
 from diffuseg.data.episodes import FASHION_SCENES_FOLDS, evaluate_episodes  # noqa: E402
+from diffuseg.eval.runner import load_meta  # noqa: E402
 from diffuseg.io import write_json  # noqa: E402
 from diffuseg.train import load_yaml_config  # noqa: E402
 
@@ -230,7 +231,7 @@ def name_blind_floor(data_dir: Path, fold: int, num_episodes: int) -> dict[str, 
     )
     from diffuseg.io import read_label
 
-    meta = json.loads((data_dir / "meta.json").read_text())
+    meta = load_meta(data_dir)
     novel = FASHION_SCENES_FOLDS[fold]
     index = scan_labels(data_dir, "val", meta["classes"])
     meter = EpisodeMeter(novel)
@@ -289,7 +290,7 @@ def name_dependence(
         return a
 
     report = evaluate_episodes(predict, data_dir, "val", fold, num_episodes=num_episodes, progress=False)
-    meta = json.loads((data_dir / "meta.json").read_text())
+    meta = load_meta(data_dir)
     totals: dict[str, np.ndarray] = {}
     for (image_id, name), (a, b) in zip(report["protocol"]["episodes"], masks, strict=True):
         label = read_label(data_dir / "ann_dir" / "val" / f"{image_id}.png")

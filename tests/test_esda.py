@@ -669,6 +669,7 @@ def test_train_export_segment_and_evaluate_episodes(fashion_dir, text_dir, tmp_p
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "ep.json").read_text())
     assert report["num_episodes"] == 6 and report["protocol"]["novel_classes"] == ["coat", "sandal"]
+    assert 0.0 <= report["metrics"]["FB-IoU"] <= 100.0
     # the semantic protocol with a fold's classes as unseen, from the CLI
     common = [
         "evaluate",
@@ -687,7 +688,6 @@ def test_train_export_segment_and_evaluate_episodes(fashion_dir, text_dir, tmp_p
     assert json.loads((tmp_path / "sem.json").read_text())["protocol"]["unseen"] == ["shirt", "sneaker"]
     res = CliRunner().invoke(app, [*common, "--unseen", "unicorn"])
     assert res.exit_code != 0 and "not among the dataset's classes" in res.output
-    assert 0.0 <= report["metrics"]["FB-IoU"] <= 100.0
     bad = CliRunner().invoke(
         app, ["evaluate-episodes", "--data", str(fashion_dir), "--checkpoint", str(tmp_path)]
     )
