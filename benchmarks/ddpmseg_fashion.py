@@ -93,6 +93,14 @@ SWEEP_LAYERS = (
     ["up_blocks.0", "up_blocks.1", "up_blocks.2"],
 )  # fmt: skip
 SWEEP_TIMESTEPS = ([10], [50], [150], [250], [500], [50, 150, 250], [10, 50, 150])
+TTA_ROW = "ddpm+aug+adamw+tta"
+# --tta-views: each view of the TTA row alone; a vote without the grey view; the soft vote (argmax of
+# the views' mean probabilities) of all five. (A vote of two views is always the first, the tie-break.)
+TTA_DIAGNOSTICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **{f"view-{v}": ("vote", (v,)) for v in ("identity", "hflip", "colour", "grey", "hflip+colour")},
+    "vote-without-grey": ("vote", ("identity", "hflip", "colour", "hflip+colour")),
+    "soft-all": ("soft", ("identity", "hflip", "colour", "grey", "hflip+colour")),
+}
 
 
 # ----------------------------------------------------------------------------- setup
@@ -246,20 +254,25 @@ class Bench:
         m = ev.report("ddpm-seg", self.meta["name"], "val")["metrics"]
         return {k: float(m[k]) for k in METRICS}
 
-    def predict_store(self, pipe, stores: dict[str, Any]) -> np.ndarray:
-        """The pipeline's prediction from cached val features of one or more TTA views: the same steps
-        as ``pipe(images, tta=...)`` (``predict_view`` per view, ``merge_views``), features read from WORK."""
-        from diffuseg.methods.ddpm_seg import invert_view, merge_views
+    def view_predictions(self, pipe, stores: dict[str, Any]) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Per TTA view, the pipeline's ``(labels, js, probs)`` from cached val features, mapped back to
+        the original geometry: ``predict_view`` per view as in ``pipe(images, tta=...)``."""
+        from diffuseg.methods.ddpm_seg import invert_view
 
-        preds = []
-        size = self.val_labels.shape[-1]
-        for i in range(0, len(self.val_images), 32):
-            per_view = []
-            for view, store in stores.items():
+        size, out = self.val_labels.shape[-1], {}
+        for view, store in stores.items():
+            parts = []
+            for i in range(0, len(self.val_images), 32):
                 groups = [np.asarray(g[i : i + 32]) for g in store.groups]
-                per_view.append(tuple(invert_view(t, view) for t in pipe.classify_groups(groups, size)))
-            preds.append(merge_views(per_view)[0].numpy())
-        return np.concatenate(preds)
+                parts.append(tuple(invert_view(t, view) for t in pipe.classify_groups(groups, size)))
+            out[view] = tuple(torch.cat(p) for p in zip(*parts, strict=True))
+        return out
+
+    def predict_store(self, pipe, stores: dict[str, Any]) -> np.ndarray:
+        """The pipeline's labels from cached val features of one or more TTA views (``merge_views``)."""
+        from diffuseg.methods.ddpm_seg import merge_views
+
+        return merge_views(list(self.view_predictions(pipe, stores).values()))[0].numpy()
 
 
 class _ViewSource:
@@ -325,6 +338,31 @@ def run_tta_row(b: Bench, n: int, seed: int) -> dict[str, float]:
 
     pipe, source, cfg = ensemble_pipe(b, "ddpm+aug+adamw", n, seed)
     return b.scores(b.predict_store(pipe, {v: b.val_store(source, cfg, v) for v in TTA_VIEWS}))
+
+
+def run_tta_views(b: Bench, n: int, seed: int) -> None:
+    """Score the TTA row's ensemble on each view alone and on other merges of its views.
+
+    Why: the 5-view vote scores below the un-augmented prediction; this says whether one view (e.g. a
+    photometric one the ensemble never saw in training) drags the vote down, or whether voting itself
+    does. Each view is predicted once; recorded as the TTA row's cells tagged ``view-<name>`` /
+    ``vote-<which>``, with the seconds of the views they read."""
+    from diffuseg.methods.ddpm_seg import TTA_VIEWS, merge_views
+
+    todo = [t for t in TTA_DIAGNOSTICS if b.get(TTA_ROW, n, seed, t) is None]
+    if not todo:
+        return
+    pipe, source, cfg = ensemble_pipe(b, "ddpm+aug+adamw", n, seed)
+    preds, secs = {}, {}
+    for v in TTA_VIEWS:
+        t0 = time.perf_counter()
+        preds |= b.view_predictions(pipe, {v: b.val_store(source, cfg, v)})
+        secs[v] = time.perf_counter() - t0
+    for tag in todo:
+        rule, views = TTA_DIAGNOSTICS[tag]
+        _, _, probs, _ = merged = merge_views([preds[v] for v in views])
+        m = b.scores((probs.argmax(1) if rule == "soft" else merged[0]).numpy())
+        b.record(TTA_ROW, n, seed, m, sum(secs[v] for v in views), tag=tag)
 
 
 def segmenter_config(b: Bench, out: Path, seed: int, num_images: int):
@@ -397,7 +435,7 @@ def run_table(b: Bench) -> None:
                 t0 = time.perf_counter()
                 if row in ENSEMBLE_ROWS:
                     m = run_ensemble_row(b, row, n, seed)
-                elif row == "ddpm+aug+adamw+tta":
+                elif row == TTA_ROW:
                     m = run_tta_row(b, n, seed)
                 elif row == "unet":
                     m = run_unet_row(b, n, seed)
@@ -452,6 +490,7 @@ def render_table(b: Bench, elapsed: float) -> str:
                    "a cell marked (k/n seeds) averages the seeds finished so far)", "",
                    markdown_table(["method", *[f"N={n}" for n in sizes]], body), ""]  # fmt: skip
     secs = [r["seconds"] for r in done.values() if r is not None]
+    views = {(t, n, s): b.get(TTA_ROW, n, s, t) for t in TTA_DIAGNOSTICS for n in sizes for s in seeds}
     ceil = grid_ceiling(b, (4, 8, 16, 32))
     return "\n".join(
         [
@@ -482,8 +521,31 @@ def render_table(b: Bench, elapsed: float) -> str:
             + ", ".join(f"g = {g}: {v:.1f}" for g, v in ceil.items())
             + f". The DDPM features' grids: {' and '.join(f'{g}²' for g in ddpm_grids(b))} "
             f"(blocks {a.layers}, {b.val_labels.shape[-1]}-px labels).",
+            *tta_view_tables(done, views, sizes, seeds),
         ]
     )
+
+
+def tta_view_tables(done: dict, views: dict, sizes: list[int], seeds: list[int]) -> list[str]:
+    """Fine mIoU and foreground IoU of the TTA row's ensembles per view and per vote (``--tta-views``
+    cells, keyed ``(tag, N, seed)``); nothing when none is recorded. The identity view alone is the
+    '+ AdamW + Dropout' row, the vote of all five the TTA row."""
+    if not any(v is not None for v in views.values()):
+        return []
+    cells = {**views, **{("vote-all", n, s): done.get((TTA_ROW, n, s)) for n in sizes for s in seeds}}
+    labels = {t: f"view '{t.removeprefix('view-')}' alone" for t in TTA_DIAGNOSTICS if t.startswith("view-")}
+    labels["vote-without-grey"] = "vote of the 4 views other than 'grey'"
+    labels["soft-all"] = "all 5, mean probabilities (soft vote)"
+    labels["vote-all"] = f"vote of all 5 ({ROW_LABELS[TTA_ROW]})"
+    out = ["", "**TTA, view by view** (`--tta-views`: the '+ AdamW + Dropout 0.4' ensembles scored on each "
+           "view alone, geometric views inverted, and on other merges of the views):", ""]  # fmt: skip
+    for metric, title in (("mIoU", "fine mIoU"), ("foreground_IoU", "foreground IoU")):
+        body = []
+        for tag, label in labels.items():
+            recs = [[cells.get((tag, n, s)) for s in seeds] for n in sizes]
+            body.append([label, *(seed_cell([r[metric] for r in rs if r], len(seeds)) for rs in recs)])
+        out += [markdown_table([title, *[f"N={n}" for n in sizes]], body), ""]
+    return out[:-1]
 
 
 def _seed_values(done: dict, row: str, n: int, seeds: list[int]) -> list[float]:
@@ -609,6 +671,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--sweep", action="store_true", help="measure blocks × timesteps instead of the table")
     p.add_argument("--sweep-n", type=int, default=10)
+    p.add_argument(
+        "--tta-views", action="store_true", help="also score the TTA row's ensembles view by view (cheap)"
+    )
     p.add_argument("--work-dir", default="runs/ddpmseg-fashion")
     p.add_argument("--records-dir", default=str(RECORDS_DIR), help="finished cells (commit them)")
     p.add_argument("--no-records", action="store_true", help="keep the cell records in WORK/records instead")
@@ -631,6 +696,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if not args.recorded_only:
             run_table(b)
+            if args.tta_views:
+                for n in (int(x) for x in args.sizes.split(",")):
+                    for seed in (int(x) for x in args.seeds.split(",")):
+                        run_tta_views(b, n, seed)
         body, section = render_table(b, time.perf_counter() - t0), SECTION_ID
         if args.json_out:
             write_json(args.json_out, table_json(b))

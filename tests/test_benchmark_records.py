@@ -115,6 +115,52 @@ def test_ddpmseg_cells_say_how_many_seeds_they_average(ddpmseg_bench) -> None:
     assert ddpmseg_bench.seed_cell([9.25], 3) == "9.2 (1/3 seeds)"
 
 
+def test_ddpmseg_tta_view_tables_read_views_and_the_tta_row(ddpmseg_bench) -> None:
+    tta = ddpmseg_bench.TTA_ROW
+    assert ddpmseg_bench.tta_view_tables({}, {("view-grey", 10, 0): None}, [10], [0, 1]) == []
+    rec = {"mIoU": 8.4, "foreground_IoU": 24.0}
+    views = {("view-grey", 10, 0): rec, ("view-grey", 10, 1): {"mIoU": 8.6, "foreground_IoU": 26.0}}
+    done = {(tta, 10, 0): {"mIoU": 8.8, "foreground_IoU": 29.0}}
+    lines = ddpmseg_bench.tta_view_tables(done, views, [5, 10], [0, 1])
+    text = "\n".join(lines)
+    assert "| view 'grey' alone | - | 8.5 ± 0.1 |" in text
+    assert "| view 'grey' alone | - | 25.0 ± 1.4 |" in text  # the foreground-IoU table
+    assert "vote of all 5 (+ TTA (5 views, majority vote)) | - | 8.8 (1/2 seeds) |" in text
+    assert "| view 'identity' alone | - | - |" in text  # not recorded yet
+    # every tag recorded by --tta-views has a row in both tables
+    assert text.count("(soft vote) |") == 2 == text.count("other than 'grey'")
+
+
+def test_ddpmseg_cached_view_predictions_match_the_pipelines_tta(ddpmseg_bench, tmp_path: Path) -> None:
+    """The benchmark scores TTA from per-view feature stores; that must be what ``pipe(tta=True)`` does."""
+    import torch
+
+    from diffuseg.methods.ddpm_seg import TTA_VIEWS, FeatureConfig, RGBXYFeatures
+    from diffuseg.train.ddpm_seg import EnsembleTrainConfig, build_feature_store, fit_ddpm_seg
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(3)]
+    labels = [(im[..., 0] > 128).astype(np.int64) for im in images]
+    cfg = EnsembleTrainConfig(num_models=2, max_iterations=40, stop_after_epoch=0, patience=1000)
+    torch.manual_seed(0)
+    pipe = fit_ddpm_seg(images, labels, ["dark", "red"], FeatureConfig(kind="rgbxy", resolution=24), cfg,
+                        progress=False)  # fmt: skip
+    src = RGBXYFeatures(24)
+    stores = {
+        v: build_feature_store(
+            ddpmseg_bench._ViewSource(src, v), images, None, tmp_path / v, fingerprint=v, progress=False
+        )  # fmt: skip
+        for v in TTA_VIEWS
+    }
+    bench = object.__new__(ddpmseg_bench.Bench)
+    bench.val_images, bench.val_labels = images, np.stack(labels)
+    want = pipe(images, tta=True).labels
+    assert np.array_equal(bench.predict_store(pipe, stores), want)
+    per_view = bench.view_predictions(pipe, stores)
+    assert per_view["grey"][0].shape == (3, 24, 24)
+    assert not torch.equal(per_view["grey"][0], per_view["identity"][0])  # the views do disagree
+
+
 class _AxisText:
     """Text encoder stub: every name gets a fixed 2-d direction, so nearest names are known."""
 
