@@ -529,10 +529,12 @@ def render_table(b: Bench, elapsed: float) -> str:
 def tta_view_tables(done: dict, views: dict, sizes: list[int], seeds: list[int]) -> list[str]:
     """Fine mIoU and foreground IoU of the TTA row's ensembles per view and per vote (``--tta-views``
     cells, keyed ``(tag, N, seed)``); nothing when none is recorded. The identity view alone is the
-    '+ AdamW + Dropout' row, the vote of all five the TTA row."""
+    '+ AdamW + Dropout' row, the vote of all five the TTA row (read on the seeds that have views)."""
     if not any(v is not None for v in views.values()):
         return []
     cells = {**views, **{("vote-all", n, s): done.get((TTA_ROW, n, s)) for n in sizes for s in seeds}}
+    # every row averages the same seeds: those with view cells at that N
+    viewed = {n: [s for s in seeds if any(views.get((t, n, s)) for t in TTA_DIAGNOSTICS)] for n in sizes}
     labels = {t: f"view '{t.removeprefix('view-')}' alone" for t in TTA_DIAGNOSTICS if t.startswith("view-")}
     labels["vote-without-grey"] = "vote of the 4 views other than 'grey'"
     labels["soft-all"] = "all 5, mean probabilities (soft vote)"
@@ -542,7 +544,7 @@ def tta_view_tables(done: dict, views: dict, sizes: list[int], seeds: list[int])
     for metric, title in (("mIoU", "fine mIoU"), ("foreground_IoU", "foreground IoU")):
         body = []
         for tag, label in labels.items():
-            recs = [[cells.get((tag, n, s)) for s in seeds] for n in sizes]
+            recs = [[cells.get((tag, n, s)) for s in viewed[n]] for n in sizes]
             body.append([label, *(seed_cell([r[metric] for r in rs if r], len(seeds)) for rs in recs)])
         out += [markdown_table([title, *[f"N={n}" for n in sizes]], body), ""]
     return out[:-1]

@@ -121,11 +121,13 @@ def test_ddpmseg_tta_view_tables_read_views_and_the_tta_row(ddpmseg_bench) -> No
     rec = {"mIoU": 8.4, "foreground_IoU": 24.0}
     views = {("view-grey", 10, 0): rec, ("view-grey", 10, 1): {"mIoU": 8.6, "foreground_IoU": 26.0}}
     done = {(tta, 10, 0): {"mIoU": 8.8, "foreground_IoU": 29.0}}
-    lines = ddpmseg_bench.tta_view_tables(done, views, [5, 10], [0, 1])
+    done[tta, 10, 2] = {"mIoU": 1.0, "foreground_IoU": 1.0}  # no views at seed 2: left out
+    lines = ddpmseg_bench.tta_view_tables(done, views, [5, 10], [0, 1, 2])
     text = "\n".join(lines)
-    assert "| view 'grey' alone | - | 8.5 ± 0.1 |" in text
-    assert "| view 'grey' alone | - | 25.0 ± 1.4 |" in text  # the foreground-IoU table
-    assert "vote of all 5 (+ TTA (5 views, majority vote)) | - | 8.8 (1/2 seeds) |" in text
+    assert "| view 'grey' alone | - | 8.5 ± 0.1 (2/3 seeds) |" in text
+    assert "| view 'grey' alone | - | 25.0 ± 1.4 (2/3 seeds) |" in text  # the foreground-IoU table
+    # the TTA row is read on the seeds with views (0, 1), not on seed 2
+    assert "vote of all 5 (+ TTA (5 views, majority vote)) | - | 8.8 (1/3 seeds) |" in text
     assert "| view 'identity' alone | - | - |" in text  # not recorded yet
     # every tag recorded by --tta-views has a row in both tables
     assert text.count("(soft vote) |") == 2 == text.count("other than 'grey'")
