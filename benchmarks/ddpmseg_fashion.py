@@ -295,7 +295,7 @@ def recipe(row: str, args: argparse.Namespace, seed: int):
     if row in ("ddpm+aug", "ddpm+aug+adamw"):
         base["augment"] = True
     if row == "ddpm+aug+adamw":
-        base.update(optimizer="adamw", weight_decay=1e-4, dropout=0.4)
+        base.update(optimizer="adamw", weight_decay=args.adamw_weight_decay, dropout=args.adamw_dropout)
     return EnsembleTrainConfig(**base)
 
 
@@ -663,6 +663,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", default="all", help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--num-models", type=int, default=10)
     p.add_argument("--max-iterations", type=int, default=None, help="cap per MLP (default: original rule)")
+    p.add_argument("--adamw-dropout", type=float, default=0.4, help="Dropout of the '+ AdamW + Dropout' row")
+    p.add_argument(
+        "--adamw-weight-decay", type=float, default=1e-4, help="AdamW weight decay of that row (0: Adam)"
+    )
     p.add_argument("--segmenter-steps", type=int, default=2000)
     p.add_argument("--segmenter-batch", type=int, default=16)
     p.add_argument("--synthetic", type=int, default=500, help="DatasetDDPM samples before filtering")
