@@ -36,6 +36,7 @@ from diffuseg.train.ddpm_seg import (
     build_feature_store,
     drop_small_classes,
     fit_ddpm_seg,
+    recalibrate_batchnorm,
     train_ensemble,
     train_ensemble_lockstep,
     train_pixel_classifier,
@@ -205,6 +206,36 @@ def test_ensemble_resumes_from_work_dir(tmp_path, scenes):
     assert all(s.get("reused") for s in stats2)
     for a, b in zip(ens.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_batchnorm_re_estimation_removes_the_dropout_variance_shift(tmp_path, scenes):
+    """Dropout before BatchNorm inflates the variance BN learns; re-estimation with Dropout off gives the
+    statistics of the activations BN sees at test time, and leaves every weight alone."""
+    images, labels = scenes
+    store = build_feature_store(
+        RGBXYFeatures(32), images, labels, tmp_path / "s", fingerprint="f", progress=False
+    )
+    cfg = _fast(num_models=2, dropout=0.4, recalibrate_bn=False)
+    raw, _ = train_ensemble(store, 3, cfg, tmp_path, progress=False)
+    fixed, _ = train_ensemble(store, 3, _fast(num_models=2, dropout=0.4), tmp_path, progress=False)
+    for name, a in raw.state_dict().items():  # same cached weights; only BatchNorm statistics moved
+        b = fixed.state_dict()[name]
+        assert torch.equal(a, b) == ("running" not in name and "num_batches" not in name), name
+    var = [
+        m.running_var.mean() for e in (raw, fixed) for m in e.modules() if isinstance(m, torch.nn.BatchNorm1d)
+    ]
+    assert var[0] > var[2] and var[1] > var[3]  # the shift: train-time variance above test-time variance
+    # one batch over every labelled pixel: the statistics are exactly the eval-mode activations'
+    mlp = raw.models[0]
+    used = recalibrate_batchnorm([mlp], store, num_pixels=10**7, batch_size=10**7)
+    x, _ = store.batch(np.sort(store.valid_pixels()))
+    assert used == x.shape[0]
+    with torch.no_grad():
+        h = mlp.layers[1](mlp.layers[0](x))  # Linear, ReLU: what the first BatchNorm sees without Dropout
+    bn = next(m for m in mlp.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, h.var(0), rtol=1e-3, atol=1e-6)
+    assert bn.momentum == 0.1 and not mlp.training
 
 
 # ------------------------------------------------------------------------ augmentation
