@@ -85,7 +85,7 @@ ROW_LABELS = {
     "ddpm+aug": "+ augmentation (×5)",
     "ddpm+aug+adamw": "+ AdamW + Dropout 0.4",
     TTA_ROW: "+ TTA (5 views, majority vote)",
-    BN_ROW: "'+ AdamW + Dropout 0.4' with BatchNorm re-estimated (our fix; no TTA)",
+    BN_ROW: "+ AdamW + Dropout 0.4, BatchNorm re-estimated (our fix; no TTA)",
     "effnet": "EfficientNet-Lite0 (ImageNet) features, same ensemble",
     "rgbxy": "RGB+xy pixels, same ensemble (floor)",
     "random": "random-init mini-SD features (control)",
