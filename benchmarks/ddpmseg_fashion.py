@@ -365,9 +365,9 @@ def run_tta_views(b: Bench, n: int, seed: int) -> None:
     """Score the TTA row's ensemble on each view alone and on other merges of its views.
 
     Why: the 5-view vote scores below the un-augmented prediction; this says whether one view (e.g. a
-    photometric one the ensemble never saw in training) drags the vote down, or whether voting itself
-    does. Each view is predicted once; recorded as the TTA row's cells tagged ``view-<name>`` /
-    ``vote-<which>``, with the seconds of the views they read."""
+    strong photometric one) drags the vote down, or whether voting itself does. Each view is predicted
+    once; recorded as the TTA row's cells tagged as in :data:`TTA_DIAGNOSTICS`, with the seconds of the
+    views they read."""
     from diffuseg.methods.ddpm_seg import TTA_VIEWS, merge_views
 
     todo = [t for t in TTA_DIAGNOSTICS if b.get(TTA_ROW, n, seed, t) is None]

@@ -798,7 +798,7 @@ def recalibrate_batchnorm(
     right before a BatchNorm, whose running variance is then learnt on dropped-out activations
     (inflated by the 1/(1-p) rescaling) and no longer matches the activations at test time, when
     Dropout is off: the "variance shift" of Li et al. (CVPR 2019). On the mini-SD it costs the
-    regularised ensemble 2 mIoU points and most of its foreground (docs/results.md). Re-estimating the
+    regularised ensemble up to 1.6 mIoU points and most of its foreground (docs/results.md). Re-estimating the
     statistics (as SWA's ``update_bn`` does) fixes that without touching a weight. Pixels are drawn
     with ``seed`` from the store's labelled ones; returns how many were used.
     """
