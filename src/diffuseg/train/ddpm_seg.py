@@ -721,7 +721,8 @@ def train_ensemble(
     """Train ``cfg.num_models`` MLPs; with ``work_dir`` finished models are saved and reused on rerun.
 
     Lockstep training saves the members together when all have stopped; sequential training saves
-    each member as it finishes.
+    each member as it finishes. With Dropout and ``cfg.recalibrate_bn`` the BatchNorm statistics are
+    then re-estimated (:func:`recalibrate_batchnorm`); the cached files keep the trained weights.
     """
     ensemble = PixelEnsemble(store.channels, num_classes, cfg.num_models, cfg.dropout)
     # the cached MLPs are the trained weights, before any BatchNorm re-estimation: valid for both settings
