@@ -24,6 +24,11 @@ training name, and two diagnostics of the ESDA and baseline models found in ``--
 too): ``--name-dependence`` (masks for the novel name vs for its nearest base name) and
 ``--semantic`` (all class names at once, the fold's classes unseen: seen/unseen/hIoU).
 
+Seeds: ``--seeds 0,1,2`` trains one model per seed for every cell (``train.seed``; seed 0 is the
+table's original cell, other seeds are kept as ``VARIANT-seedS``); the table shows the mean over
+seeds per fold and the spread of the five-fold mean across seeds, since single models per fold
+swing by several points.
+
 An experiment on the recipe is kept apart from the table's cells: ``--tag NAME --set KEY=VALUE``
 trains and records ``VARIANT@NAME`` (e.g. ``--variants esda --tag text-noise-0.1 --set
 data.text_noise=0.1``).
@@ -113,8 +118,25 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     return load_yaml_config(args.config, overrides)
 
 
+def cell_name(variant: str, tag: str = "", seed: int = 0) -> str:
+    """Run folder / record name of one model: ``esda``, ``esda@TAG``, ``esda-seed1`` (seed 0: plain)."""
+    name = f"{variant}@{tag}" if tag else variant
+    return f"{name}-seed{seed}" if seed else name
+
+
+def seed_config(config: dict, seed: int) -> dict:
+    """The recipe with ``train.seed`` set (seed 0, the config's default, keeps the records' signature)."""
+    return {**config, "train": {**config["train"], "seed": seed}}
+
+
 def train_and_evaluate(
-    args: argparse.Namespace, data_dir: Path, fold: int, variant: str, config: dict, text_encoder
+    args: argparse.Namespace,
+    data_dir: Path,
+    fold: int,
+    variant: str,
+    config: dict,
+    text_encoder,
+    seed: int = 0,
 ) -> dict[str, Any] | None:
     """Train (or resume) one variant on one fold, then score its exported model on the fold's episodes.
 
@@ -123,7 +145,8 @@ def train_and_evaluate(
     from diffuseg.methods.esda import ESDAModel, ESDAPipeline
     from diffuseg.train.esda import train_esda
 
-    name = f"{variant}@{args.tag}" if args.tag else variant
+    config = seed_config(config, seed)
+    name = cell_name(variant, args.tag, seed)
     run = Path(args.runs_dir) / f"fold{fold}" / name
     report_path = run / "episodes.json"
     key = record_key(f"fold{fold}", name)
@@ -195,13 +218,22 @@ def nearest_base_names(text_encoder, templates: list[str] | None) -> dict[str, t
     return out
 
 
+def seed_mean(per_seed: dict[int, dict], get: Callable[[dict], float]) -> float:
+    """Mean of one number over the seeds recorded for a cell."""
+    return float(np.mean([get(r) for r in per_seed.values()]))
+
+
 def per_class_rows(results: dict, nearest: dict[str, tuple[str, float]]) -> tuple[list[list[str]], str]:
-    """ESDA vs the baseline per novel class, beside its nearest base name; with a rank correlation."""
+    """ESDA vs the baseline per novel class (mean over seeds), beside its nearest base name; with a
+    rank correlation.
+
+    ``results[variant][fold][seed]`` is one model's episode report.
+    """
     esda, base = results.get("esda", {}), results.get("clsclip", {})
     rows, pairs = [], []
     for fold in sorted(set(esda) & set(base)):
         for c in FASHION_SCENES_FOLDS[fold]:
-            a, b = esda[fold]["per_class"][c]["IoU"], base[fold]["per_class"][c]["IoU"]
+            a, b = (seed_mean(per[fold], lambda r, c=c: r["per_class"][c]["IoU"]) for per in (esda, base))
             name, cos = nearest[c]
             rows.append([c, str(fold), f"{name} ({cos:.2f})", f"{a:.1f}", f"{b:.1f}", f"{a - b:+.1f}"])
             pairs.append((cos, a - b))
@@ -327,19 +359,29 @@ def model_diagnostic(
     from diffuseg.methods.esda import ESDAModel, ESDAPipeline
 
     found = {}
-    signature = {"config": config, "data": dataset_fingerprint(data_dir), **signature_extra}
     for fold in folds:
         for variant in ("esda", "clsclip"):
-            key = record_key(f"fold{fold}", variant, kind)
-            result = None if args.no_records else load_record(SECTION_ID, key, signature)
-            model_dir = Path(args.runs_dir) / f"fold{fold}" / variant / "final"
-            if result is None and measure is not None and (model_dir / "config.json").is_file():
-                result = measure(ESDAPipeline(ESDAModel.from_pretrained(model_dir), te), fold)
-                if not args.no_records:
-                    save_record(SECTION_ID, key, signature, result)
-            if result is not None:
-                found[(fold, variant)] = result
+            for seed in args.seed_list:
+                name = cell_name(variant, seed=seed)
+                signature = {
+                    "config": seed_config(config, seed),
+                    "data": dataset_fingerprint(data_dir),
+                    **signature_extra,
+                }
+                key = record_key(f"fold{fold}", name, kind)
+                result = None if args.no_records else load_record(SECTION_ID, key, signature)
+                model_dir = Path(args.runs_dir) / f"fold{fold}" / name / "final"
+                if result is None and measure is not None and (model_dir / "config.json").is_file():
+                    result = measure(ESDAPipeline(ESDAModel.from_pretrained(model_dir), te), fold)
+                    if not args.no_records:
+                        save_record(SECTION_ID, key, signature, result)
+                if result is not None:
+                    found[(fold, variant, seed)] = result
     return found
+
+
+def model_label(variant: str, seed: int) -> str:
+    return f"{VARIANT_LABELS[variant]}, seed {seed}" if seed else VARIANT_LABELS[variant]
 
 
 def semantic_scores(pipe, data_dir: Path, fold: int) -> dict[str, float]:
@@ -362,10 +404,10 @@ def semantic_section(found: dict) -> list[str]:
     rows = [
         [
             str(fold),
-            VARIANT_LABELS[variant],
+            model_label(variant, seed),
             *(f"{r[k]:.1f}" for k in ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU")),
         ]
-        for (fold, variant), r in sorted(found.items())
+        for (fold, variant, seed), r in sorted(found.items())
     ]
     return [
         "",
@@ -384,11 +426,11 @@ def name_dependence_section(found: dict, episodes: int) -> list[str]:
         [
             c,
             str(fold),
-            VARIANT_LABELS[variant],
+            model_label(variant, seed),
             *(f"{100 * r[k]:.0f}" for k in ("on_novel", "on_nearest", "on_other_objects", "on_background")),
             f"{r['iou_novel_vs_nearest_name']:.2f}",
         ]
-        for (fold, variant), res in sorted(found.items())
+        for (fold, variant, seed), res in sorted(found.items())
         for c, r in res.items()
     ]
     header = ["novel class", "fold", "model", "% on novel", "% on nearest base", "% on other objects",
@@ -415,38 +457,65 @@ def render(
     floor: dict[int, dict] | None = None,
     semantic: dict | None = None,
 ) -> str:
-    """Markdown: mIoU per variant (per fold and mean), FB-IoU means, then ESDA vs baseline per class."""
+    """Markdown: mIoU per variant (per fold and mean), FB-IoU means, then ESDA vs baseline per class.
+
+    ``results[variant][fold][seed]`` is one model's report; a fold's cell is its mean over seeds.
+    """
     folds = sorted({f for per in results.values() for f in per})
-    rows, fb_rows = [], []
+    rows, fb_rows, seed_rows = [], [], []
 
     def label(variant: str) -> str:
         return f"{VARIANT_LABELS[variant]} ({args.tag})" if args.tag else VARIANT_LABELS[variant]
 
+    def miou(r: dict) -> float:
+        return r["metrics"]["mIoU"]
+
     for variant in [v for v in VARIANT_ORDER if v in results]:
         per = results[variant]
-        miou = [per[f]["metrics"]["mIoU"] for f in folds if f in per]
-        fb = [per[f]["metrics"]["FB-IoU"] for f in folds if f in per]
+        cells = {f: seed_mean(per[f], miou) for f in folds if f in per}
+        complete = len(cells) == len(folds)  # a mean over all folds or none
+        # seeds recorded on every fold: the spread of the five-fold mean across them
+        common = sorted(set.intersection(*(set(per[f]) for f in folds))) if complete else []
+        fold_means = [np.mean([miou(per[f][s]) for f in folds]) for s in common]
+        spread = f" ± {np.std(fold_means, ddof=1):.1f}" if len(common) > 1 else ""
+        n_seeds = sorted({len(per[f]) for f in per})
         rows.append(
-            [
-                label(variant),
-                *(f"{per[f]['metrics']['mIoU']:.1f}" if f in per else "–" for f in folds),
-            ]
-            + [f"{np.mean(miou):.1f}" if len(miou) == len(folds) else "–"]  # a mean over all folds or none
+            [label(variant), *(f"{cells[f]:.1f}" if f in cells else "–" for f in folds)]
+            + [f"{np.mean(list(cells.values())):.1f}{spread}" if complete else "–"]
+            + ["–".join(str(n) for n in (n_seeds[0], n_seeds[-1])) if len(n_seeds) > 1 else str(n_seeds[0])]
         )
+        if len(common) > 1:
+            seed_rows.append((label(variant), dict(zip(common, fold_means, strict=True))))
+        fb = [seed_mean(per[f], lambda r: r["metrics"]["FB-IoU"]) for f in folds if f in per]
         fb_rows.append(
             [
                 label(variant),
-                f"{np.mean(fb):.1f}" if len(fb) == len(folds) else "–",
-                f"{np.mean([per[f]['train_seconds'] for f in per]) / 60:.0f}",
+                f"{np.mean(fb):.1f}" if complete else "–",
+                f"{np.mean([r['train_seconds'] for f in per for r in per[f].values()]) / 60:.0f}",
             ]
         )
     if floor and all(f in floor for f in folds):
         label_floor = "floor: every object, name ignored (true masks)"
-        miou = [floor[f]["metrics"]["mIoU"] for f in folds]
-        rows.append([label_floor, *(f"{v:.1f}" for v in miou), f"{np.mean(miou):.1f}"])
+        floor_miou = [floor[f]["metrics"]["mIoU"] for f in folds]
+        rows.append([label_floor, *(f"{v:.1f}" for v in floor_miou), f"{np.mean(floor_miou):.1f}", "-"])
         fb_rows.append([label_floor, f"{np.mean([floor[f]['metrics']['FB-IoU'] for f in folds]):.1f}", "-"])
     fold_names = [f"fold {f} ({', '.join(FASHION_SCENES_FOLDS[f])})" for f in folds]
-    cells = [rep for per in results.values() for rep in per.values()]
+    cells = [rep for per in results.values() for by_seed in per.values() for rep in by_seed.values()]
+    seed_cols = sorted({s for _, by_seed in seed_rows for s in by_seed})
+    seed_section = (
+        [
+            "",
+            "**Five-fold mean mIoU per seed** (seeds recorded on every fold; a model's seed sets its "
+            "initialisation, data order and augmentation; the episodes are the same):",
+            "",
+            markdown_table(
+                ["variant", *(f"seed {s}" for s in seed_cols)],
+                [[name, *(f"{m[s]:.1f}" if s in m else "–" for s in seed_cols)] for name, m in seed_rows],
+            ),
+        ]
+        if seed_rows
+        else []
+    )
     train_total, n_models = sum(rep.get("train_seconds", 0.0) for rep in cells), len(cells)
     m, t = config["model"], config["train"]
     return "\n".join(
@@ -463,9 +532,10 @@ def render(
             f"cells run in chunks across sessions, each kept in benchmarks/records/); this invocation "
             f"{elapsed / 60:.0f} min",
             "",
-            "**mIoU over the fold's novel classes** (percent; mean over folds last):",
+            "**mIoU over the fold's novel classes** (percent; a cell is the mean over its seeds; mean over "
+            "folds, ± the standard deviation of that mean across the seeds that cover every fold):",
             "",
-            markdown_table(["variant", *fold_names, "mean"], rows),
+            markdown_table(["variant", *fold_names, "mean", "seeds"], rows),
             "",
             "**FB-IoU** (mean over folds) and training time per model:",
             "",
@@ -473,6 +543,7 @@ def render(
             "",
             "Reference (paper, PASCAL-5i mIoU): ESDA 58.9 vs ClsCLIP 56.4; COCO-20i 37.1 vs 37.0.",
         ]
+        + seed_section
         + per_class_section(results, nearest, m["text_encoder"])
         + name_dependence_section(found or {}, args.diag_episodes)
         + semantic_section(semantic or {})
@@ -513,6 +584,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=str(REPO / "configs" / "esda.yaml"))
     p.add_argument("--folds", default="0,1,2,3,4")
     p.add_argument("--variants", default=",".join(VARIANT_ORDER))
+    p.add_argument("--seeds", default="0", help="training seeds per cell, e.g. 0,1,2 (train.seed)")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: config's)")
     p.add_argument("--episodes", type=int, default=1000)
     p.add_argument("--val-episodes", type=int, default=0, help="episodes for in-training evaluation")
@@ -552,6 +624,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.progress = not args.no_progress
+    try:
+        args.seed_list = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    if not args.seed_list or min(args.seed_list) < 0:
+        raise SystemExit(f"--seeds needs at least one seed >= 0, got {args.seeds!r}")
     if args.tag and not args.set:
         raise SystemExit("--tag names an experiment: give its config changes with --set")
     if args.tiny:
@@ -577,21 +655,23 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = prepare_data(args)
     config = run_config(args)
     text_encoder = get_text_encoder(config["model"].get("text_encoder", "minilm"))
-    results: dict[str, dict[int, dict]] = {}
-    for fold in folds:
-        for variant in variants:
-            report = train_and_evaluate(args, data_dir, fold, variant, config, text_encoder)
-            if report is None:
-                logger.info("fold %d %s: not run yet (--recorded-only)", fold, variant)
-                continue
-            results.setdefault(variant, {})[fold] = report
-            logger.info(
-                "fold %d %-24s mIoU %.1f  FB-IoU %.1f",
-                fold,
-                variant,
-                report["metrics"]["mIoU"],
-                report["metrics"]["FB-IoU"],
-            )
+    results: dict[str, dict[int, dict[int, dict]]] = {}
+    for seed in args.seed_list:  # seed-major: a run over several seeds fills every fold once first
+        for fold in folds:
+            for variant in variants:
+                report = train_and_evaluate(args, data_dir, fold, variant, config, text_encoder, seed)
+                if report is None:
+                    logger.info("fold %d %s seed %d: not run yet (--recorded-only)", fold, variant, seed)
+                    continue
+                results.setdefault(variant, {}).setdefault(fold, {})[seed] = report
+                logger.info(
+                    "fold %d %-24s seed %d  mIoU %.1f  FB-IoU %.1f",
+                    fold,
+                    variant,
+                    seed,
+                    report["metrics"]["mIoU"],
+                    report["metrics"]["FB-IoU"],
+                )
     nearest = nearest_base_names(text_encoder, config["model"].get("class_templates"))
     # diagnostics score trained models (no training): allowed with --recorded-only
     found = model_diagnostic(

@@ -189,17 +189,21 @@ def test_esda_per_class_table_uses_only_the_folds_base_names() -> None:
     def report(ious: dict[str, float]) -> dict:
         return {"per_class": {c: {"IoU": v} for c, v in ious.items()}}
 
-    results = {
-        "esda": {0: report({"t-shirt": 50.0, "trouser": 5.0}), 3: report({"shirt": 40.0, "sneaker": 30.0})},
-        "clsclip": {
-            0: report({"t-shirt": 40.0, "trouser": 30.0}),
-            3: report({"shirt": 40.0, "sneaker": 20.0}),
+    results = {  # variant -> fold -> seed -> report
+        "esda": {
+            0: {0: report({"t-shirt": 50.0, "trouser": 5.0}), 1: report({"t-shirt": 54.0, "trouser": 7.0})},
+            3: {0: report({"shirt": 40.0, "sneaker": 30.0})},
         },
-        "no-adapters": {1: report({"pullover": 1.0, "dress": 1.0})},  # no baseline: not in the table
+        "clsclip": {
+            0: {0: report({"t-shirt": 40.0, "trouser": 30.0})},
+            3: {0: report({"shirt": 40.0, "sneaker": 20.0})},
+        },
+        "no-adapters": {1: {0: report({"pullover": 1.0, "dress": 1.0})}},  # no baseline: not in the table
     }
     rows, corr = esda.per_class_rows(results, nearest)
     assert [r[0] for r in rows] == ["t-shirt", "trouser", "shirt", "sneaker"]
-    assert rows[0][2].startswith("shirt (") and rows[0][5] == "+10.0" and rows[1][5] == "-25.0"
+    # the mean over seeds: t-shirt (50 + 54) / 2 - 40, trouser (5 + 7) / 2 - 30
+    assert rows[0][2].startswith("shirt (") and rows[0][5] == "+12.0" and rows[1][5] == "-24.0"
     assert corr.startswith("Spearman") and "over 4 classes" in corr
     assert esda.per_class_rows({"esda": results["esda"]}, nearest) == ([], "")
 
@@ -234,3 +238,44 @@ def test_esda_name_diagnostics_count_where_the_mask_lands(tmp_path: Path) -> Non
     assert floor["per_class"]["coat"]["IoU"] == pytest.approx(50.0)
     assert floor["per_class"]["sandal"]["IoU"] == pytest.approx(100.0)
     assert floor["metrics"]["mIoU"] == pytest.approx(75.0)
+
+
+def test_esda_table_averages_seeds_and_shows_the_spread_of_the_fold_mean(tmp_path: Path) -> None:
+    esda = _load_benchmark("esda_fashion.py")
+    assert esda.cell_name("esda") == "esda" and esda.cell_name("esda", seed=2) == "esda-seed2"
+    assert esda.cell_name("clsclip", "noise", 1) == "clsclip@noise-seed1"
+    config = {"model": {"lr": 1}, "train": {"seed": 0, "max_steps": 5}}
+    assert esda.seed_config(config, 0) == config  # seed 0 records keep their signature
+    assert esda.seed_config(config, 3)["train"] == {"seed": 3, "max_steps": 5}
+    assert config["train"]["seed"] == 0  # not changed in place
+    with pytest.raises(SystemExit, match="--seeds"):
+        esda.parse_args(["--seeds", "0,x"])
+
+    def report(miou: float) -> dict:
+        return {"metrics": {"mIoU": miou, "FB-IoU": 50.0 + miou / 10}, "train_seconds": 60.0}
+
+    results = {  # ESDA: seeds 0 and 1 on every fold (five-fold means 22 and 28); baseline: seed 0 only
+        "esda": {f: {0: report(20.0 + f), 1: report(30.0 - f)} for f in range(5)},
+        "clsclip": {f: {0: report(33.0)} for f in range(5)},
+    }
+    args = esda.parse_args(["--seeds", "0,1", "--data", str(tmp_path)])
+    config = {
+        "model": {"encoder": "e", "text_encoder": "minilm", "image_size": 128, "dim": 8},
+        "train": {"max_steps": 5, "batch_size": 2, "lr": 1e-3, "lr_schedule": "cosine", "seed": 0},
+        "data": {"negative_prob": 0.0},
+    }
+    body = esda.render(args, tmp_path, results, config, 1.0)
+
+    def table_row(start: str) -> list[str]:
+        row = next(line for line in body.splitlines() if line.startswith(start))
+        return [c.strip() for c in row.strip("|").split("|")]
+
+    cells = table_row("| ESDA |")
+    assert cells[1:6] == ["25.0"] * 5  # fold cells: the mean over the two seeds
+    assert cells[6] == "25.0 ± 4.2" and cells[7] == "2"  # std of (22, 28) with ddof 1
+    base = table_row("| ClsCLIP")
+    assert base[6] == "33.0" and base[7] == "1"  # one seed: no spread
+    per_seed = body.split("**Five-fold mean mIoU per seed**")[1].split("\n\n")[1].splitlines()
+    # five-fold mean per seed: (20+21+22+23+24)/5, (30+29+28+27+26)/5; the one-seed baseline is left out
+    assert per_seed == ["| variant | seed 0 | seed 1 |", "|---|---|---|", "| ESDA | 22.0 | 28.0 |"]
+    assert "over 15 models" in body
