@@ -171,10 +171,10 @@ def _best_of(scores: np.ndarray, seen: np.ndarray) -> tuple[tuple[np.ndarray, np
     return out[0], out[1]
 
 
-def run_cell(args, key: str, pipe: ZS3DPipeline, model_dir: Path, samples, names, **kw: Any) -> Cell | None:
-    """A recorded cell (same model weights, data, images, settings) or a fresh run, recorded."""
+def cell_signature(args, pipe: ZS3DPipeline, model_dir: Path, samples, **kw: Any) -> dict[str, Any]:
+    """What a recorded cell must share to be reused: model weights, data, images, settings."""
     c = pipe.config
-    signature = {
+    return {
         "model": model_fingerprint(model_dir),
         "data": dataset_fingerprint(args.data),
         "split": args.split,
@@ -188,6 +188,11 @@ def run_cell(args, key: str, pipe: ZS3DPipeline, model_dir: Path, samples, names
         "smoothing": c.smoothing,
         "gammas": [GAMMAS[0], GAMMAS[-1], len(GAMMAS)],
     }
+
+
+def run_cell(args, key: str, pipe: ZS3DPipeline, model_dir: Path, samples, names, **kw: Any) -> Cell | None:
+    """A recorded cell (same model weights, data, images, settings) or a fresh run, recorded."""
+    signature = cell_signature(args, pipe, model_dir, samples, **kw)
     result = recorded(
         args,
         key,
@@ -214,6 +219,109 @@ def recorded(args, key: str, signature: dict, compute) -> dict | None:
     if not args.no_records:
         save_record(SECTION_ID, key, signature, result)
     return result
+
+
+def trajectory(pipe: ZS3DPipeline, samples, names, unseen, seed: int, progress: bool) -> dict[str, Any]:
+    """Where along guided sampling ZS3D decides the classes: after every reverse step, the network's
+    clean estimate x̂_0 of the semantic channels, classified exactly like the final sample.
+
+    Why: the first estimate (pure-noise semantic channels, the image visible) is the model's
+    regression of the class code from the image; if it were far better than the final sample, the
+    sampler would be what loses quality, not the learned denoiser. One sample per image, the
+    checkpoint's sampler and guidance; scored at γ = 0 and at the checkpoint's γ.
+    """
+    from tqdm.auto import tqdm
+
+    c = pipe.config
+    gammas = (0.0, float(c.calibration))
+    gen = torch.Generator().manual_seed(seed)
+    cms: dict[int, list[ConfusionMatrix]] = {}
+    timesteps: dict[int, int] = {}
+
+    def score(index: int, emb: torch.Tensor, labels: list[np.ndarray]) -> None:
+        meters = cms.setdefault(index, [ConfusionMatrix(len(names), 255) for _ in gammas])
+        for meter, g in zip(meters, gammas, strict=True):
+            pred, _ = pipe.classify(emb, names, labels[0].shape, g, c.smoothing)
+            for p, lab in zip(pred.numpy(), labels, strict=True):
+                meter.update(p, lab)
+
+    for start in tqdm(range(0, len(samples), 16), desc="trajectory", disable=not progress):
+        part = samples[start : start + 16]
+        estimates: dict[int, list[torch.Tensor]] = {}
+
+        def keep(i: int, step, x0: torch.Tensor, estimates=estimates) -> None:
+            estimates.setdefault(i, []).append(x0[:, 3:].float())
+            timesteps[i] = step.t
+
+        final, _ = pipe.embed(
+            [s["image"] for s in part],
+            num_samples=1,
+            sampler=c.sampler,
+            num_inference_steps=c.num_inference_steps,
+            eta=c.eta,
+            generator=gen,
+            guide_noise=c.guide_noise,
+            on_step=keep,
+        )
+        labels = [s["label"] for s in part]
+        for i, chunks in estimates.items():
+            score(i, torch.cat(chunks), labels)
+        score(-1, final, labels)  # the sample itself
+
+    def metrics(index: int) -> dict[str, Any]:
+        reps = [m.compute(names, unseen)["metrics"] for m in cms[index]]
+        return {
+            "t": timesteps.get(index),
+            "gamma0": {k: reps[0].get(k) for k in METRIC_KEYS},
+            "calibrated": {k: reps[1].get(k) for k in METRIC_KEYS},
+        }
+
+    return {
+        "gamma": gammas[1],
+        "num_images": len(samples),
+        "steps": [metrics(i) for i in sorted(i for i in cms if i >= 0)],
+        "final": metrics(-1),
+    }
+
+
+def trajectory_section(traj: dict[str, Any], baseline: Cell | None, gamma_b: float) -> list[str]:
+    """The x̂_0 estimates along the trajectory: every 5th step, the last, and the final sample."""
+    steps = traj["steps"]
+    picked = [i for i in range(len(steps)) if i % 5 == 0 or i == len(steps) - 1]
+
+    def line(label: str, t: Any, r: dict[str, Any]) -> list[str]:
+        g0, cal = r["gamma0"], r["calibrated"]
+        return [
+            label,
+            str(t),
+            fmt(g0["mIoU_seen"]),
+            fmt(cal["mIoU_seen"]),
+            fmt(cal["mIoU_unseen"]),
+            fmt(cal["hIoU"]),
+        ]
+
+    rows = [line(f"x̂_0 after step {i + 1} of {len(steps)}", steps[i]["t"], steps[i]) for i in picked]
+    rows.append(line("the sample (what ZS3D classifies)", "-", traj["final"]))
+    if baseline is not None:
+        b0, bg = baseline.report(0.0)["metrics"], baseline.report(gamma_b)["metrics"]
+        rows.append(
+            [
+                "SPNet-like baseline, one pass (all images of the table)",
+                "-",
+                fmt(b0["mIoU_seen"]),
+                fmt(bg["mIoU_seen"]),
+                fmt(bg["mIoU_unseen"]),
+                fmt(bg["hIoU"]),
+            ]  # fmt: skip
+        )
+    return [
+        f"Where ZS3D decides the classes (`--trajectory`): after each reverse step, the network's clean "
+        f"estimate x̂_0 of the semantic channels, classified like the sample; first {traj['num_images']} "
+        f"images, one sample each; calibrated columns at γ = {traj['gamma']:.2f}:",
+        "",
+        markdown_table(["estimate", "t", "mIoU seen (γ = 0)", "mIoU seen", "mIoU unseen", "hIoU"], rows),
+        "",
+    ]
 
 
 def oracle(cell: Cell) -> dict[str, Any]:
@@ -422,6 +530,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rs-images", type=int, default=None, help="images for RS(N>0) rows (default: --num-images)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--trajectory",
+        type=int,
+        default=0,
+        help="diagnostic on the first N images: x̂_0 of the semantic channels after every reverse step",
+    )
     p.add_argument("--augment", action="store_true", help="also run the data augmentation experiment")
     p.add_argument("--aug-real", type=int, default=50)
     p.add_argument("--aug-gen", type=int, default=500)
@@ -438,7 +552,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cells",
         default="",
         help="run only these cells (list of zs3d, zs3d-matched, zs3d-firstN, zs3d-rsK-firstN, baseline, "
-        "augment), e.g. to split the work over processes; the others are read from their records",
+        "zs3d-trajectory-firstN, augment), e.g. to split the work over processes; the others are read "
+        "from their records",
     )
     p.add_argument("--recorded-only", action="store_true", help="run nothing: tabulate the recorded cells")
     p.add_argument(
@@ -493,8 +608,19 @@ def main(argv: list[str] | None = None) -> None:
         gb = base.config.calibration
         cells["baseline"] = run_cell(args, "baseline", base, args.baseline, samples, names)
     aug_rows = augmentation(args, zs3d, names, unseen, samples) if args.augment else None
-    missing = [k for k, c in cells.items() if c is None] + (
-        ["augment"] if args.augment and aug_rows is None else []
+    traj, traj_key = None, f"zs3d-trajectory-first{min(args.trajectory, len(samples))}"
+    if args.trajectory > 0:
+        part = samples[: args.trajectory]
+        traj = recorded(
+            args,
+            traj_key,
+            {**cell_signature(args, zs3d, args.zs3d, part), "diagnostic": "trajectory"},
+            lambda: trajectory(zs3d, part, names, unseen, args.seed, args.progress),
+        )
+    missing = (
+        [k for k, c in cells.items() if c is None]
+        + (["augment"] if args.augment and aug_rows is None else [])
+        + ([traj_key] if args.trajectory > 0 and traj is None else [])
     )
     if missing:
         logger.info(
@@ -554,14 +680,25 @@ def main(argv: list[str] | None = None) -> None:
         from diffuseg.viz import save_figure
 
         save_figure(args.figure, fig)
-    body = render(args, zs3d, table, per_class, names, unseen, aug_rows, time.perf_counter() - t_start)
+    extra = trajectory_section(traj, cells.get("baseline"), gb) if traj is not None else []
+    body = render(args, zs3d, table, per_class, names, unseen, aug_rows, time.perf_counter() - t_start, extra)
     if args.no_write:
         sys.stdout.write(body + "\n")
     else:
         logger.info("wrote %s", write_results_section(SECTION_ID, body, args.out))
 
 
-def render(args, zs3d: ZS3DPipeline, table, per_class, names, unseen, aug_rows, seconds) -> str:
+def render(
+    args,
+    zs3d: ZS3DPipeline,
+    table,
+    per_class,
+    names,
+    unseen,
+    aug_rows,
+    seconds,
+    extra: list[str] | None = None,
+) -> str:
     c = zs3d.config
     cal = c.calibration_info
     lines = [
@@ -594,6 +731,7 @@ def render(args, zs3d: ZS3DPipeline, table, per_class, names, unseen, aug_rows, 
         for n in names
     ]
     lines += [markdown_table(["class", *heads], pc_rows), ""]
+    lines += extra or []
     if aug_rows is not None:
         lines += [
             f"Data augmentation: a small UNet segmenter ({args.aug_steps} steps) trained on "

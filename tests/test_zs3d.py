@@ -257,6 +257,24 @@ def test_guided_sampling_feeds_the_noised_guide_at_every_absolute_level():
     assert net.image_levels == [None] * len(net.calls)  # the original architecture: one timestep
 
 
+def test_on_step_sees_every_denoising_step_and_the_last_estimate_is_the_sample():
+    acp = build_scheduler().alphas_cumprod.double()
+    guide = torch.rand(2, 3, 8, 8) * 2 - 1
+    plan = sampling_plan([999, 799, 599, 399, 199], resample=1, jump_length=2)
+    net, seen = RecordingUNet(), []
+
+    def on_step(i, step, x0):
+        seen.append((i, step.t, x0.clone()))
+
+    g = torch.Generator().manual_seed(0)
+    out = guided_sample(net, acp, plan, (2, 5, 8, 8), guide, -1, "ddim", generator=g, on_step=on_step)
+    denoise = [s.t for s in plan if s.kind == "denoise"]
+    assert [i for i, _, _ in seen] == list(range(len(denoise))) and [t for _, t, _ in seen] == denoise
+    for (t, x), (_, _, x0) in zip(net.calls, seen, strict=True):  # zero ε: x̂_0 = x / sqrt(a_t), clipped
+        assert torch.allclose(x0, (x / acp[t].sqrt()).clamp(-1, 1).float(), atol=1e-5)
+    assert torch.allclose(out[:, 3:], seen[-1][2][:, 3:], atol=1e-5)  # DDIM's last step lands on x̂_0
+
+
 def test_clean_guidance_feeds_the_clean_image_with_image_timestep_zero():
     acp = build_scheduler().alphas_cumprod.double()
     guide = torch.rand(1, 3, 8, 8) * 2 - 1

@@ -485,6 +485,7 @@ def guided_sample(
     guide_noise: str = "matched",
     image_timestep: bool = False,
     prediction_type: str = "epsilon",
+    on_step: Callable[[int, Step, Tensor], None] | None = None,
 ) -> Tensor:
     """Run ``plan`` from pure noise; the first ``guide.shape[1]`` channels follow the guide image.
 
@@ -499,6 +500,10 @@ def guided_sample(
     (with image timestep 0) at every guided step instead: the semantic channels are then denoised
     with the whole image visible from the first step. With ``image_timestep`` the network always
     receives the image channels' noise level as ``class_labels`` (= ``t`` on unguided steps).
+
+    ``on_step(i, step, x0)`` is called after every denoising step (``i`` counts them, RS(N) jumps
+    excluded) with the network's clipped clean estimate x̂_0 of the whole stack: where along the
+    trajectory the semantic channels settle (``benchmarks/zs3d_fashion.py --trajectory``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -521,6 +526,7 @@ def guided_sample(
     def guided(t: int) -> bool:
         return guide is not None and guide_until is not None and t >= guide_until
 
+    denoised = 0
     for step in tqdm(plan, desc="ZS3D sampling", disable=not progress, leave=False):
         if step.kind == "renoise":
             x = renoise(x, step.t, step.t_next, acp, _randn(x.shape, generator, x))
@@ -535,6 +541,9 @@ def guided_sample(
         else:
             out = unet(x, t_in).sample
         eps = to_epsilon(out, x, step.t, acp, prediction_type)
+        if on_step is not None:
+            on_step(denoised, step, _predict_x0(x, eps, _alpha_bar(acp, step.t).to(x), True))
+        denoised += 1
         if sampler == "ddpm":
             x = ddpm_step(eps, step.t, step.t_next, x, acp, _randn(x.shape, generator, x))
         else:
@@ -877,11 +886,13 @@ class ZS3DPipeline:
         generator: torch.Generator | None = None,
         progress: bool = False,
         guide_noise: str = "matched",
+        on_step: Callable[[int, Step, Tensor], None] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Per-pixel embeddings at model resolution: ``(mean (B, k, s, s), sample std (B, s, s) | None)``.
 
         DDPM models: guided sampling, ``num_samples`` samples per image averaged (their spread is the
-        uncertainty); the batch is processed in chunks of ``config.batch_size`` stacks.
+        uncertainty); the batch is processed in chunks of ``config.batch_size`` stacks, and
+        ``on_step`` (see :func:`guided_sample`) sees each chunk's x̂_0 in order.
         """
         x = images_to_tensor(images, self.config.image_size).to(self.device)
         if self.config.model_type == "regression":
@@ -909,6 +920,7 @@ class ZS3DPipeline:
                 guide_noise=guide_noise,
                 image_timestep=self.image_timestep,
                 prediction_type=self.scheduler.config.prediction_type,
+                on_step=on_step,
             )
             chunks.append(out[:, 3:].float())
         sem = torch.cat(chunks).view(x.shape[0], num_samples, k, *x.shape[2:])
