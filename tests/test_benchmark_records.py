@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -279,3 +280,15 @@ def test_esda_table_averages_seeds_and_shows_the_spread_of_the_fold_mean(tmp_pat
     # five-fold mean per seed: (20+21+22+23+24)/5, (30+29+28+27+26)/5; the one-seed baseline is left out
     assert per_seed == ["| variant | seed 0 | seed 1 |", "|---|---|---|", "| ESDA | 22.0 | 28.0 |"]
     assert "over 15 models" in body
+
+
+def test_diffseg_attention_sharpening_is_a_softmax_temperature() -> None:
+    bench = _load_benchmark("diffseg_fashion.py")
+    logits = torch.randn(2, 16, 16, dtype=torch.float64)
+    maps = {4: logits.softmax(-1).float()}
+    assert torch.allclose(bench.sharpen(maps, 1.0)[4], maps[4], atol=1e-6)
+    assert torch.allclose(bench.sharpen(maps, 3.0)[4], (3 * logits).softmax(-1).float(), atol=1e-5)
+    flat, sharp = (bench.normalised_entropy(bench.sharpen(maps, p)[4]) for p in (1.0, 4.0))
+    assert 0 < sharp < flat < 1
+    assert bench.normalised_entropy(torch.full((1, 8, 8), 1 / 8)) == pytest.approx(1.0)
+    assert bench.normalised_entropy(torch.eye(8)[None]) == pytest.approx(0.0, abs=1e-6)
