@@ -312,7 +312,7 @@ def trajectory_section(traj: dict[str, Any], baseline: Cell | None, gamma_b: flo
                 fmt(bg["mIoU_seen"]),
                 fmt(bg["mIoU_unseen"]),
                 fmt(bg["hIoU"]),
-            ]  # fmt: skip
+            ]
         )
     return [
         f"Where ZS3D decides the classes (`--trajectory`): after each reverse step, the network's clean "
