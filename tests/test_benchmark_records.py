@@ -251,6 +251,8 @@ def test_esda_table_averages_seeds_and_shows_the_spread_of_the_fold_mean(tmp_pat
     assert config["train"]["seed"] == 0  # not changed in place
     with pytest.raises(SystemExit, match="--seeds"):
         esda.parse_args(["--seeds", "0,x"])
+    with pytest.raises(SystemExit, match="use --seeds S"):  # it would be overridden silently
+        esda.parse_args(["--set", "train.seed=3"])
 
     def report(miou: float) -> dict:
         return {"metrics": {"mIoU": miou, "FB-IoU": 50.0 + miou / 10}, "train_seconds": 60.0}
@@ -292,3 +294,53 @@ def test_diffseg_attention_sharpening_is_a_softmax_temperature() -> None:
     assert 0 < sharp < flat < 1
     assert bench.normalised_entropy(torch.full((1, 8, 8), 1 / 8)) == pytest.approx(1.0)
     assert bench.normalised_entropy(torch.eye(8)[None]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_esda_calibration_sweep_shifts_the_log_odds_and_tabulates_the_oracle(tmp_path: Path) -> None:
+    from diffuseg.io import write_image, write_json, write_label
+
+    esda = _load_benchmark("esda_fashion.py")
+    classes = ["background", "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+               "bag", "ankle boot"]  # fmt: skip
+    for i, (cls, box) in enumerate(((5, np.s_[0:10, 0:10]), (6, np.s_[4:12, 4:12]))):  # coat, sandal: fold 2
+        label = np.zeros((32, 32), np.uint8)
+        label[box] = cls
+        write_label(tmp_path / "ann_dir" / "val" / f"{i:04d}.png", label)
+        image = np.zeros((32, 32, 3), np.uint8)
+        image[box] = 200  # the fake model reads the object off the image
+        write_image(tmp_path / "img_dir" / "val" / f"{i:04d}.png", image)
+    write_json(tmp_path / "meta.json", {"name": "FashionScenes", "classes": classes, "unseen": []})
+
+    class UnderConfident:  # p = 0.4 on the object, 0.1 elsewhere: nothing at the 0.5 threshold
+        def __call__(self, images, class_names, mode):
+            p = np.where(np.stack([im[..., 0] > 0 for im in images]), 0.4, 0.1).astype(np.float32)
+            return SimpleNamespace(scores=np.stack([1 - p, p], 1))
+
+    sweep = esda.bias_sweep(UnderConfident(), tmp_path, 2, (-1.0, 0.0, 1.0, 3.0), 2)
+    # logit(0.4) = -0.41, logit(0.1) = -2.2: b = 1 takes the object alone, b = 3 everything
+    assert [round(sweep[b]["mIoU"], 1) for b in ("-1", "+0", "+1", "+3")] == [0.0, 0.0, 100.0, 8.0]  # (100 + 64) / 1024 px: 9.8, 6.2
+    found = {(2, "esda", 0): sweep, (2, "clsclip", 0): {**sweep, "+1": {"mIoU": 50.0, "FB-IoU": 0.0}}}
+    body = "\n".join(esda.calibration_section(found, 2))
+    assert "| 2 | ESDA | 0.0 | 0.0 | 100.0 | 8.0 | 100.0 (b = +1) |" in body
+    assert "| ClsCLIP-like baseline | 0.0 | 0.0 | 50.0 | 8.0 | 50.0 |" in body
+    assert esda.calibration_section({}, 2) == []
+
+
+def test_alignment_probe_maps_names_to_classifiers() -> None:
+    probe = _load_benchmark("alignment_probe.py")
+    names = probe.load_imagenet_classes()
+    assert len(names) == 1000 and len(set(names)) == 999  # "crane" is a bird and a machine
+    assert names[0].startswith("tench") and any(n.split(",")[0] == "sandal" for n in names)
+    g = torch.Generator().manual_seed(0)
+    text, true_map = torch.randn(200, 6, generator=g), torch.randn(7, 5, generator=g)
+    weights = torch.cat([text, torch.ones(200, 1)], 1) @ true_map  # (200, 4 + bias)
+    new = torch.randn(3, 6, generator=g)
+    fitted = probe.ridge_classifiers(text, weights, new, lam=1e-6)
+    assert torch.allclose(fitted, torch.cat([new, torch.ones(3, 1)], 1) @ true_map, atol=1e-3)
+    # a sharp neighbour mix copies the classifier of the closest name; a flat one averages them all
+    sharp = probe.neighbour_classifiers(text, weights, text[:2] * 3.0, tau=1e-3)
+    assert torch.allclose(sharp, weights[:2], atol=1e-4)
+    assert torch.allclose(probe.neighbour_classifiers(text, weights, new, tau=1e6), weights.mean(0).expand(3, -1), atol=1e-4)
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    clf = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # class 8 reads dim 1, class 9 dim 0
+    assert probe.accuracy(feats, clf, torch.tensor([9, 8]), [8, 9]) == 1.0
