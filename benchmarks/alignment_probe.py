@@ -43,7 +43,9 @@ TEMPLATE = "a photo of a {}."
 
 def load_imagenet_classes(path: Path = IMAGENET_CLASSES) -> list[str]:
     """The 1000 ImageNet class names in index order (all lemmas of each class, comma-separated)."""
-    rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines() if not line.startswith("#")]
+    rows = [
+        line.rstrip("\n").split("\t") for line in path.read_text().splitlines() if not line.startswith("#")
+    ]
     names = [r[1] for r in rows if len(r) == 2]
     if len(names) != 1000:
         raise ValueError(f"{path}: expected 1000 'wnid<TAB>lemmas' rows, found {len(names)}")
@@ -75,7 +77,9 @@ def object_crops(
             crops.append(F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0])
             labels.append(int(c))
     if not crops:
-        raise ValueError(f"no object with ≥ {min_pixels} px in the first {num_images} {split} scenes of {data_dir}")
+        raise ValueError(
+            f"no object with ≥ {min_pixels} px in the first {num_images} {split} scenes of {data_dir}"
+        )
     return torch.stack(crops), torch.tensor(labels)
 
 
@@ -83,7 +87,9 @@ def object_crops(
 def pooled_features(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """EfficientNet-Lite's pooled head features ``(N, 1280)``: what its ImageNet classifier reads."""
     x = images * (127.5 / 128.0) + 0.5 / 128.0  # [-1, 1] → the Lite models' (x·255 − 127) / 128
-    return torch.cat([net.extract_features(x[i : i + batch_size]).mean((2, 3)) for i in range(0, len(x), batch_size)])
+    return torch.cat(
+        [net.extract_features(x[i : i + batch_size]).mean((2, 3)) for i in range(0, len(x), batch_size)]
+    )
 
 
 def ridge_classifiers(
@@ -95,7 +101,9 @@ def ridge_classifiers(
     """
     xs = torch.cat([source_text, torch.ones(len(source_text), 1)], 1).double()
     xt = torch.cat([target_text, torch.ones(len(target_text), 1)], 1).double()
-    a = torch.linalg.solve(xs.T @ xs + lam * torch.eye(xs.shape[1], dtype=xs.dtype), xs.T @ source_weights.double())
+    a = torch.linalg.solve(
+        xs.T @ xs + lam * torch.eye(xs.shape[1], dtype=xs.dtype), xs.T @ source_weights.double()
+    )
     return (xt @ a).float()
 
 
@@ -107,7 +115,9 @@ def neighbour_classifiers(
     return mix @ source_weights
 
 
-def accuracy(features: torch.Tensor, classifiers: torch.Tensor, labels: torch.Tensor, class_ids: list[int]) -> float:
+def accuracy(
+    features: torch.Tensor, classifiers: torch.Tensor, labels: torch.Tensor, class_ids: list[int]
+) -> float:
     logits = features @ classifiers[:, :-1].T + classifiers[:, -1]
     pred = torch.tensor(class_ids)[logits.argmax(1)]
     return float((pred == labels).float().mean())
@@ -172,12 +182,14 @@ def main(argv: list[str] | None = None) -> None:
                 vals, counts = torch.unique(hits, return_counts=True)
                 order = counts.argsort(descending=True)[:3]
                 tops = ", ".join(f"{inet[int(vals[i])].split(',')[0]} ({int(counts[i])})" for i in order)
-                near = (F.normalize(fashion_text[ids.index(c)], dim=0) @ F.normalize(inet_text, dim=1).T).topk(3)
-                nearest = ", ".join(f"{inet[int(j)].split(',')[0]} ({float(v):.2f})" for v, j in zip(*near, strict=True))
+                near = (
+                    F.normalize(fashion_text[ids.index(c)], dim=0) @ F.normalize(inet_text, dim=1).T
+                ).topk(3)
+                nearest = ", ".join(
+                    f"{inet[int(j)].split(',')[0]} ({float(v):.2f})" for v, j in zip(*near, strict=True)
+                )
                 top_rows.append([name, str(len(hits)), tops, nearest])
-    rows = [
-        [k, *(f"{100 * columns[m][0][k]:.1f}" for m in ("box", "masked"))] for k in columns["box"][0]
-    ]
+    rows = [[k, *(f"{100 * columns[m][0][k]:.1f}" for m in ("box", "masked"))] for k in columns["box"][0]]
     body = "\n".join(
         [
             "## Is there an offline image-text alignment? (EfficientNet-Lite0's ImageNet head)",
@@ -197,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
             "**What the ImageNet head calls each class** (top-1 over the box crops, count) and the "
             "ImageNet names nearest to the class name in MiniLM space (cosine):",
             "",
-            markdown_table(["class", "objects", "ImageNet top-1 (count)", "nearest ImageNet names"], top_rows),
+            markdown_table(
+                ["class", "objects", "ImageNet top-1 (count)", "nearest ImageNet names"], top_rows
+            ),
         ]
     )
     if args.no_write:

@@ -726,7 +726,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tag and not args.set:
         raise SystemExit("--tag names an experiment: give its config changes with --set")
     if any(s.replace(" ", "").startswith("train.seed=") for s in args.set or []):
-        raise SystemExit("--seeds sets train.seed for every model: use --seeds S instead of --set train.seed=S")
+        raise SystemExit(
+            "--seeds sets train.seed for every model: use --seeds S instead of --set train.seed=S"
+        )
     if args.tiny:
         args.no_records = True
         args.steps = args.steps or 10

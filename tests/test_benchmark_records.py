@@ -318,7 +318,12 @@ def test_esda_calibration_sweep_shifts_the_log_odds_and_tabulates_the_oracle(tmp
 
     sweep = esda.bias_sweep(UnderConfident(), tmp_path, 2, (-1.0, 0.0, 1.0, 3.0), 2)
     # logit(0.4) = -0.41, logit(0.1) = -2.2: b = 1 takes the object alone, b = 3 everything
-    assert [round(sweep[b]["mIoU"], 1) for b in ("-1", "+0", "+1", "+3")] == [0.0, 0.0, 100.0, 8.0]  # (100 + 64) / 1024 px: 9.8, 6.2
+    assert [round(sweep[b]["mIoU"], 1) for b in ("-1", "+0", "+1", "+3")] == [
+        0.0,
+        0.0,
+        100.0,
+        8.0,
+    ]  # (100 + 64) / 1024 px: 9.8, 6.2
     found = {(2, "esda", 0): sweep, (2, "clsclip", 0): {**sweep, "+1": {"mIoU": 50.0, "FB-IoU": 0.0}}}
     body = "\n".join(esda.calibration_section(found, 2))
     assert "| 2 | ESDA | 0.0 | 0.0 | 100.0 | 8.0 | 100.0 (b = +1) |" in body
@@ -340,7 +345,9 @@ def test_alignment_probe_maps_names_to_classifiers() -> None:
     # a sharp neighbour mix copies the classifier of the closest name; a flat one averages them all
     sharp = probe.neighbour_classifiers(text, weights, text[:2] * 3.0, tau=1e-3)
     assert torch.allclose(sharp, weights[:2], atol=1e-4)
-    assert torch.allclose(probe.neighbour_classifiers(text, weights, new, tau=1e6), weights.mean(0).expand(3, -1), atol=1e-4)
+    assert torch.allclose(
+        probe.neighbour_classifiers(text, weights, new, tau=1e6), weights.mean(0).expand(3, -1), atol=1e-4
+    )
     feats = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     clf = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # class 8 reads dim 1, class 9 dim 0
     assert probe.accuracy(feats, clf, torch.tensor([9, 8]), [8, 9]) == 1.0

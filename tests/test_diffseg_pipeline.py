@@ -18,6 +18,7 @@ from diffuseg.methods.diffseg_pipeline import (
     DiffSegConfig,
     DiffSegPipeline,
     class_prompt,
+    class_prompts,
     label_segments_by_cross_attention,
 )
 
@@ -201,3 +202,39 @@ def test_cli_segment_and_evaluate(tiny, tmp_path):
 def test_load_pipeline_registry_errors():
     with pytest.raises(ValueError, match="unknown method"):
         load_pipeline("nope")
+
+
+def test_class_names_overflowing_one_prompt_are_split_across_prompts(tiny):
+    def tokenize(prompts, max_length=8):  # word-level tokenizer that truncates like the real ones
+        out = []
+        for p in prompts:
+            words = p.replace(",", " ,").split()[: max_length - 2]
+            out.append(["[CLS]", *words, "[SEP]"] + ["[PAD]"] * (max_length - 2 - len(words)))
+        return out
+
+    names = ["bag", "ankle boot", "coat", "sandal", "t-shirt"]
+    prompts = class_prompts(names, tokenize)
+    assert [p for p, _ in prompts] == ["a bag and a ankle boot", "a coat and a sandal", "a t-shirt"]
+    assert [[tokenize([p])[0][i] for i in pos] for p, ps in prompts for pos in ps] == [
+        ["bag"], ["ankle", "boot"], ["coat"], ["sandal"], ["t-shirt"]
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="does not fit in one prompt"):
+        class_prompts(["a very long class name indeed"], tokenize)
+
+    # the pipeline: each class's score map is what its own prompt alone gives
+    model, _ = tiny
+    pipe = DiffSegPipeline(model, DiffSegConfig.for_backbone(model, output_size=32))
+    conditioner = model.text_conditioner
+    full = conditioner.max_length
+    try:
+        conditioner.max_length = 24  # the tiny CLIP vocabulary is per letter: a few names per prompt
+        many = ["background", "bag", "ankle boot", "coat", "sandal", "sneaker", "dress"]
+        assert len(class_prompts(many, model.tokenize)) > 1
+        out = pipe(_image(), class_names=many)
+        first = class_prompts(many, model.tokenize)[0][1]
+        alone = pipe(_image(), class_names=many[: len(first)])
+    finally:
+        conditioner.max_length = full
+    assert out.class_names == many and out.scores.shape == (1, len(many), 32, 32)
+    assert np.allclose(out.scores[:, : len(first)], alone.scores, atol=1e-6)
+    assert out.labels.max() < len(many)

@@ -25,7 +25,15 @@ from diffuseg.utils import dataclass_from_dict
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DiffSegConfig", "DiffSegPipeline", "class_prompt", "label_segments_by_cross_attention"]
+__all__ = [
+    "DiffSegConfig",
+    "DiffSegPipeline",
+    "class_cross_maps",
+    "class_prompt",
+    "class_prompts",
+    "label_segments_by_class_maps",
+    "label_segments_by_cross_attention",
+]
 
 SD_DEFAULTS: dict[str, Any] = {
     "kl_threshold": [1.1, 1.1, 1.1],
@@ -85,28 +93,66 @@ def _token_positions(tokens: list[str], class_names: Sequence[str], tokenize) ->
 _SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<|startoftext|>", "<|endoftext|>"}
 
 
-def label_segments_by_cross_attention(
-    segments: np.ndarray, cross_maps: dict[int, torch.Tensor], positions: list[list[int]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Name each segment by the class whose tokens attend to it most.
+def class_prompts(class_names: Sequence[str], tokenize) -> list[tuple[str, list[list[int]]]]:
+    """The fewest prompts that name every class in order, with each name's token positions.
 
-    ``cross_maps``: ``{side: (B, side², L)}``. Per class, the token maps are averaged over its
-    word pieces and over resolutions (upsampled, weighted by side like DiffSeg), normalised to
-    max 1 per image (so a token that attends everywhere does not win everywhere), then averaged
-    inside each segment. Returns ``(labels (B, H, W), scores (B, C, H, W))``.
+    Why several: one prompt listing every name is the natural reading, but it overflows the text
+    encoder (CLIP's 77 tokens hold about 20 names, the mini-SD's 24 about 6). Rather than failing,
+    names are packed greedily into consecutive prompts, one cross-attention pass each. Names in
+    different prompts do not compete in one softmax over tokens; the per-class normalisation of
+    :func:`label_segments_by_class_maps` keeps their maps comparable.
     """
-    b, h, w = segments.shape
+
+    def fit(names: list[str]) -> tuple[str, list[list[int]]] | None:
+        prompt = class_prompt(names)
+        try:
+            return prompt, _token_positions(tokenize([prompt])[0], names, tokenize)
+        except ValueError:  # a name was cut off
+            return None
+
+    prompts: list[tuple[str, list[list[int]]]] = []
+    current: list[str] = []
+    for name in class_names:
+        if fit([*current, name]) is not None:
+            current.append(name)
+            continue
+        if fit([name]) is None:
+            raise ValueError(
+                f"class name {name!r} does not fit in one prompt of the text encoder: shorten it"
+            )
+        prompts.append(fit(current))  # type: ignore[arg-type]
+        current = [name]
+    if current:
+        prompts.append(fit(current))  # type: ignore[arg-type]
+    return prompts
+
+
+def class_cross_maps(
+    cross_maps: dict[int, torch.Tensor], positions: list[list[int]], size: tuple[int, int]
+) -> torch.Tensor:
+    """Per-class cross-attention ``(B, C, H, W)``: token maps averaged over each name's word pieces
+    and over resolutions (upsampled to ``size``, weighted by side like DiffSeg)."""
     total = sum(cross_maps)
-    per_class = torch.zeros(b, len(positions), h, w)
+    b = next(iter(cross_maps.values())).shape[0]
+    per_class = torch.zeros(b, len(positions), *size)
     for side, a in cross_maps.items():
         a = a.float().cpu().view(b, side, side, -1)
         cls_maps = torch.stack([a[..., p].mean(-1) for p in positions], dim=1)
-        per_class += (side / total) * F.interpolate(
-            cls_maps, size=(h, w), mode="bilinear", align_corners=False
-        )
-    per_class /= per_class.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+        per_class += (side / total) * F.interpolate(cls_maps, size=size, mode="bilinear", align_corners=False)
+    return per_class
+
+
+def label_segments_by_class_maps(
+    segments: np.ndarray, per_class: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """Name each segment by the class whose map is highest on average inside it.
+
+    Each class map is first normalised to max 1 per image, so that a token that attends
+    everywhere does not win everywhere. Returns ``(labels (B, H, W), scores (B, C, H, W))``.
+    """
+    per_class = per_class / per_class.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
     labels = np.zeros_like(segments)
-    for i in range(b):
+    for i in range(segments.shape[0]):
         seg = torch.from_numpy(segments[i])
         ids = torch.unique(seg)
         onehot = (seg[None] == ids[:, None, None]).float()  # (S, H, W)
@@ -114,6 +160,17 @@ def label_segments_by_cross_attention(
         best = mean.argmax(1)
         labels[i] = best[torch.searchsorted(ids, seg)].numpy()
     return labels, per_class.numpy()
+
+
+def label_segments_by_cross_attention(
+    segments: np.ndarray, cross_maps: dict[int, torch.Tensor], positions: list[list[int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Name each segment by the class whose tokens attend to it most (one prompt's cross-attention).
+
+    ``cross_maps``: ``{side: (B, side², L)}``; ``positions``: each class's token positions.
+    Returns ``(labels (B, H, W), scores (B, C, H, W))``.
+    """
+    return label_segments_by_class_maps(segments, class_cross_maps(cross_maps, positions, segments.shape[1:]))
 
 
 class DiffSegPipeline:
@@ -229,12 +286,12 @@ class DiffSegPipeline:
         segments = _compact_ids(np.asarray(segments))
         if names is None:
             return SegmentationOutput(labels=segments, extras={"num_segments": _count(segments)})
-        # 4. name the segments by the cross-attention of the class tokens (a second pass, with a prompt)
-        prompt = class_prompt(names)
-        _, cross = self.attention(imgs, t, prompt=prompt, cross=True)
-        tokens = self.backbone.tokenize([prompt])[0]
-        positions = _token_positions(tokens, names, self.backbone.tokenize)
-        labels, scores = label_segments_by_cross_attention(segments, cross, positions)
+        # 4. name the segments by the cross-attention of the class tokens (one more pass per prompt)
+        per_class = []
+        for prompt, positions in class_prompts(names, self.backbone.tokenize):
+            _, cross = self.attention(imgs, t, prompt=prompt, cross=True)
+            per_class.append(class_cross_maps(cross, positions, segments.shape[1:]))
+        labels, scores = label_segments_by_class_maps(segments, torch.cat(per_class, dim=1))
         return SegmentationOutput(
             labels=labels,
             scores=scores,
