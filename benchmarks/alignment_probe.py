@@ -86,7 +86,9 @@ def object_crops(
 @torch.no_grad()
 def pooled_features(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """EfficientNet-Lite's pooled head features ``(N, 1280)``: what its ImageNet classifier reads."""
-    x = images * (127.5 / 128.0) + 0.5 / 128.0  # [-1, 1] → the Lite models' (x·255 − 127) / 128
+    from diffuseg.backbones.imagenet import lite_input
+
+    x = lite_input(images)
     return torch.cat(
         [net.extract_features(x[i : i + batch_size]).mean((2, 3)) for i in range(0, len(x), batch_size)]
     )

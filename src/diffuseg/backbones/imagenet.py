@@ -20,11 +20,16 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EFFICIENTNET_LITE0_STAGE_ENDS", "EfficientNetLite0Features"]
+__all__ = ["EFFICIENTNET_LITE0_STAGE_ENDS", "EfficientNetLite0Features", "lite_input"]
 
 EFFICIENTNET_LITE0_STAGE_ENDS: tuple[int, ...] = (0, 2, 4, 7, 10, 14, 15)
 """Indices of the last MBConv block of each of Lite0's seven stages (strides 2, 4, 8, 16, 16, 32, 32;
 16, 24, 40, 80, 112, 192, 320 channels)."""
+
+
+def lite_input(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (diffuseg's convention) as the official Lite models expect: (x·255 − 127) / 128."""
+    return ((images + 1.0) * 127.5 - 127.0) / 128.0
 
 
 class EfficientNetLite0Features(nn.Module):
@@ -81,7 +86,7 @@ class EfficientNetLite0Features(nn.Module):
         x = images.to(next(self.net.parameters()).dtype)
         if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
-        x = ((x + 1.0) * 127.5 - 127.0) / 128.0
+        x = lite_input(x)
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(x)))
         wanted, out, last = set(self.blocks), {}, max(self.blocks)
